@@ -1,0 +1,81 @@
+"""BR step: remove the background of every training photo, keeping class folders.
+
+For each data/train/<class>/.../<name>.<ext> it writes data/br/<class>/.../<name>.png: the object
+found by a rembg model, composited onto a plain colour (white by default), so the classifier
+learns the object rather than the scene. Every input file is either written, or named on stderr.
+
+    python make_remove_background.py --src data/train --dst data/br --model u2netp --preview br.png
+
+Exit codes: 0 all done; 1 finished, but some inputs were skipped (not images, corrupt, outside a
+class folder, or no object found: each named on stderr, then a summary line); 2 nothing done
+(bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes).
+
+No object found: when the share of pixels the mask calls object (mask > 127) is below --min-fg
+or above --max-fg, the file is skipped (counted as degenerate, exit 1), or with --fallback copy
+the original photo is written instead (named on stderr, not a skip).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # find smalldata/ from any working folder
+
+from smalldata import background  # noqa: E402
+from smalldata.cli import add_device_arg, main_wrapper, parser  # noqa: E402
+
+
+def get_args(argv):
+    p = parser(__doc__.split("\n\n")[0])
+    p.add_argument("--src", type=Path, default=Path("data/train"),
+                   help="training photos, <src>/<class>/<image>; sub-folders under a class are kept")
+    p.add_argument("--dst", type=Path, default=Path("data/br"),
+                   help="output folder; gets <dst>/<class>/<relative path>/<stem>.png")
+    p.add_argument("--model", default="u2net",
+                   help="any rembg model name; see --list-models for those available offline "
+                        f"(here: {background.OFFLINE_MODEL})")
+    p.add_argument("--list-models", action="store_true",
+                   help="print rembg's models and which are available offline now, then exit")
+    p.add_argument("--bg-color", type=background.parse_color, default="white",
+                   help="background colour: white, black, gray or R,G,B")
+    p.add_argument("--keep-alpha", action="store_true",
+                   help="write RGBA (the mask as alpha, over the same plain-background colours)")
+    p.add_argument("--alpha-matting", action="store_true",
+                   help="refine edges with rembg's alpha matting (slow)")
+    p.add_argument("--post-process-mask", action="store_true",
+                   help="rembg's mask clean-up (morphological opening + smoothing, binary mask)")
+    p.add_argument("--min-fg", type=float, default=0.02,
+                   help="below this share of object pixels (mask > 127) the object was not found")
+    p.add_argument("--max-fg", type=float, default=0.98,
+                   help="above this share of object pixels the object was not found")
+    p.add_argument("--fallback", choices=["skip", "copy"], default="skip",
+                   help="when no object is found: skip the file, or write the original photo")
+    p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--preview", type=Path, default=None,
+                   help="write a contact sheet PNG here: originals beside their BR images")
+    p.add_argument("--preview-count", type=int, default=12, help="how many images the preview shows")
+    add_device_arg(p)
+    p.add_argument("--providers", default=None,
+                   help="onnxruntime execution providers, comma list (overrides --device), "
+                        "e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    p.add_argument("--threads", type=int, default=0,
+                   help="onnxruntime intra-op threads; 0 = all cores this process may use")
+    p.add_argument("--workers", type=int, default=2,
+                   help="threads that decode, composite, encode and write around the model")
+    p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
+                   help="PNG compression (lossless at any level; 1 is fast, 9 is smallest)")
+    args = p.parse_args(argv)
+    if not 0 <= args.min_fg < args.max_fg <= 1:
+        p.error("need 0 <= --min-fg < --max-fg <= 1 (shares, e.g. 0.02 and 0.98)")
+    if args.workers < 1 or args.threads < 0 or args.preview_count < 1:
+        p.error("--workers and --preview-count must be >= 1, --threads >= 0")
+    return args
+
+
+def main(argv):
+    args = get_args(argv)
+    if args.list_models:
+        return background.list_models()
+    return background.run(args)
+
+
+if __name__ == "__main__":
+    main_wrapper(main)

@@ -1,0 +1,95 @@
+"""Atomic file writing: every file the pipeline writes appears whole or not at all.
+
+A writer gets a hidden temporary name in the destination folder (same file system, so
+the final os.replace is atomic); the image listers skip hidden files, so a temporary
+left by a killed run is never read as data, and `remove_stale_temps` clears them.
+"""
+import contextlib
+import csv
+import io
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+TEMP_MARK = ".tmp-"
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; on success fsync and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:  # data must be on disk before the name points at it
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_bytes(path, data: bytes):
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def write_text(path, text: str):
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path, obj):
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_csv(path, header, rows):
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
+def copy_file(src, dst):
+    with atomic_path(dst) as tmp:
+        shutil.copyfile(src, tmp)
+
+
+def save_image(img, path, **save_kwargs):
+    """Save a PIL image atomically; the format comes from the final name's suffix."""
+    path = Path(path)
+    buf = io.BytesIO()
+    img.save(buf, format=_pil_format(path), **save_kwargs)
+    write_bytes(path, buf.getvalue())
+
+
+def _pil_format(path):
+    from PIL import Image
+
+    return Image.registered_extensions()[path.suffix.lower()]
+
+
+def remove_stale_temps(folder):
+    """Delete temporaries that a killed run left under `folder`; returns how many."""
+    count = 0
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    for p in folder.rglob(f".*{TEMP_MARK}*"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            count += 1
+    return count
+
+
+def is_inside(path, root) -> bool:
+    """True when `path` resolves to a place inside `root` (guards against '..' and absolute names)."""
+    root = Path(root).resolve()
+    try:
+        Path(root, path).resolve().relative_to(root)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,71 @@
+"""Model builder: any torchvision classification model with its head sized to the classes."""
+import os
+
+import torch
+import torchvision
+from torch import nn
+
+from .cli import UsageError
+
+
+def classification_archs():
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def imagenet_weights(arch):
+    """torchvision's default ImageNet weights enum entry for `arch`."""
+    return torchvision.models.get_model_weights(arch).DEFAULT
+
+
+def imagenet_cache_path(arch):
+    url = imagenet_weights(arch).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def imagenet_available(arch):
+    """True when the ImageNet weights are in torch's cache (no network needed)."""
+    return os.path.exists(imagenet_cache_path(arch))
+
+
+def build_model(arch, num_classes, weights="none"):
+    """torchvision `arch` with `num_classes` outputs; weights: 'none' or 'imagenet'.
+
+    The state_dict keys are those of `torchvision.models.<arch>(num_classes=...)`, so a
+    checkpoint loads into a plain torchvision model with no renaming.
+    """
+    if arch not in classification_archs():
+        raise UsageError(f"unknown --arch {arch!r}; torchvision classification models: "
+                         f"{', '.join(classification_archs())}")
+    if weights == "none":
+        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if weights != "imagenet":
+        raise ValueError(weights)
+    try:
+        model = torchvision.models.get_model(arch, weights=imagenet_weights(arch))
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad cache file a RuntimeError
+        raise UsageError(
+            f"ImageNet weights for {arch} could not be loaded ({e}). Put "
+            f"{os.path.basename(imagenet_weights(arch).url)} at {imagenet_cache_path(arch)} "
+            "(from a machine with network access), or train from scratch with --weights none") from None
+    replace_head(model, num_classes)
+    return model
+
+
+def replace_head(model, num_classes):
+    """Swap the last classification layer (Linear, or a 1x1 Conv2d in SqueezeNet) for a fresh one."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = (name, module)
+    name, old = last
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, old.stride, bias=old.bias is not None)
+    parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+    setattr(parent, name.rpartition(".")[2], new)
+    return model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,385 @@
+"""Scoring a checkpoint on a folder of photos: predictions, metrics, and the pictures that explain them.
+
+Everything about the model comes from the checkpoint (arch, classes, image size, mean/std),
+so photos are prepared exactly as in training evaluation: open_rgb -> resize_square -> normalize.
+check_score.py is the command-line entry point; run() does the work.
+"""
+import contextlib
+import math
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from . import checkpoint, files, plots
+from .cli import Problems, UsageError, resolve_device, say
+from .data import decode_one, normalize
+from .folders import find_classes, scan_labelled
+from .images import BadImage, is_junk, open_rgb
+
+TOPK = 5
+OUTPUTS = ("score.json", "predictions.csv", "per_class.csv", "confusion.png", "mistakes.png")
+
+
+# ----------------------------------------------------------------------------- the folder
+
+def scan(root, classes):
+    """Return (samples, labelled): (path, class index) pairs, index -1 when unlabelled.
+
+    A folder is labelled when it has sub-folders and no image files at its top level;
+    otherwise its top-level files are predicted without labels.
+    """
+    root = Path(root)
+    subdirs = find_classes(root)
+    top = [p for p in sorted(root.iterdir()) if p.is_file() and not is_junk(p)]
+    suffixes = Image.registered_extensions()
+    top_images = [p for p in top if p.suffix.lower() in suffixes]
+    if subdirs and not top_images:
+        unknown = sorted(set(subdirs) - set(classes))
+        if unknown:
+            raise UsageError(f"{root} has class folder(s) that the checkpoint does not know: {', '.join(unknown)}. "
+                             f"The checkpoint's {len(classes)} classes: {', '.join(classes)}")
+        samples, _ = scan_labelled(root, classes)
+        labelled = True
+    else:
+        if subdirs:
+            say(f"note: {root} has images at its top level, so it is read as a flat folder of unlabelled "
+                f"images; its {len(subdirs)} sub-folder(s) are ignored")
+        samples, labelled = [(p, -1) for p in top], False
+    if not samples:
+        raise UsageError(f"{root} holds no files to score; expected {root}/<class>/<image> "
+                         f"(labelled) or {root}/<image> (unlabelled)")
+    return samples, labelled
+
+
+# ----------------------------------------------------------------------------- prediction
+
+def _decode(path, img_size):
+    try:
+        return decode_one(path, img_size)
+    except BadImage as e:
+        return e
+
+
+def decoded_batches(samples, img_size, batch_size, problems, workers=None, pbar=None):
+    """Yield (uint8 N,3,S,S, labels, paths) batches in file order.
+
+    Files are decoded on a thread pool up to two batches ahead of the consumer, so decoding
+    the next batch overlaps the model running on this one, with bounded memory.
+    Unreadable files are reported to `problems` and left out.
+    """
+    workers = workers or os.cpu_count() or 1  # decoding, not the model, is what limits the speed
+    todo = iter(samples)
+    images, labels, paths = [], [], []
+    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
+        queue = deque()
+
+        def submit():
+            sample = next(todo, None)
+            if sample is not None:
+                queue.append((sample, pool.submit(_decode, sample[0], img_size)))
+
+        for _ in range(2 * batch_size):
+            submit()
+        while queue:
+            (path, label), future = queue.popleft()
+            submit()
+            out = future.result()
+            if pbar is not None:
+                pbar.update(1)
+            if isinstance(out, BadImage):
+                problems.skip(out)
+            else:
+                images.append(out)
+                labels.append(label)
+                paths.append(path)
+            if len(images) == batch_size or (not queue and images):
+                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), paths
+                images, labels, paths = [], [], []
+
+
+def class_probs(model, x, tta=False):
+    """Softmax over classes; with tta, the mean of the image's and its mirror image's."""
+    if tta:  # one forward pass over both views; eval-mode BatchNorm treats each image alone
+        x = torch.cat([x, x.flip(3)]).contiguous(memory_format=torch.channels_last)
+    probs = model(x).float().softmax(1)
+    if tta:
+        probs = probs.view(2, -1, probs.shape[1]).mean(0)
+    return probs
+
+
+def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None,
+            workers=None):
+    """Run `model` over `samples`. Returns a dict of labels, paths, top-k class indices and
+    probabilities (CPU tensors, k = min(5, classes)), and the seconds it took."""
+    problems = problems if problems is not None else Problems()
+    cuda = device.type == "cuda"
+    if cuda:  # (no cudnn.benchmark: its tuning costs more than it saves in one pass over a small set)
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        autocast = torch.autocast("cuda", dtype=amp_dtype)
+    else:
+        autocast = contextlib.nullcontext()  # AMP is for the GPU; on the CPU float32 is the reference
+    model.eval()
+    top_p, top_i, labels, paths = [], [], [], []
+    start = time.perf_counter()
+    with tqdm(total=len(samples), desc="score", unit="img", leave=False) as pbar, \
+            torch.inference_mode(), autocast:
+        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems, workers, pbar):
+            if cuda:
+                batch = batch.pin_memory()
+            x = normalize(batch.to(device, non_blocking=True), mean, std)
+            probs = class_probs(model, x, tta)
+            values, indices = probs.topk(min(TOPK, probs.shape[1]), dim=1)
+            top_p.append(values)  # left on the device: no sync per batch
+            top_i.append(indices)
+            labels.append(y)
+            paths.extend(p)
+    if not paths:
+        return {"n": 0, "paths": [], "seconds": time.perf_counter() - start}
+    result = {"top_p": torch.cat(top_p).cpu(), "top_i": torch.cat(top_i).cpu(), "labels": torch.cat(labels),
+              "paths": paths, "n": len(paths)}
+    result["seconds"] = time.perf_counter() - start  # the .cpu() above waited for the device
+    return result
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def metrics(labels, top_i, num_classes):
+    """Counts from true labels and top-k predictions: confusion matrix (rows true, columns
+    predicted), top-1/top-k correct, per-class n/correct, macro recall over classes present."""
+    pred = top_i[:, 0]
+    confusion = torch.bincount(labels * num_classes + pred, minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes)
+    per_n, per_correct = confusion.sum(1), confusion.diag()
+    present = per_n > 0
+    off = confusion.clone()
+    off.fill_diagonal_(0)
+    counts, flat = off.flatten().sort(descending=True, stable=True)
+    pairs = [(int(i) // num_classes, int(i) % num_classes, int(c)) for c, i in zip(counts[:5], flat[:5]) if c > 0]
+    return {
+        "n": len(labels),
+        "correct": int((pred == labels).sum()),
+        "topk_correct": int((top_i == labels[:, None]).any(1).sum()),
+        "per_n": per_n.tolist(),
+        "per_correct": per_correct.tolist(),
+        "macro_recall": float((per_correct[present].double() / per_n[present]).mean()),
+        "classes_present": int(present.sum()),
+        "confused_pairs": pairs,  # (true, predicted, count), most frequent first
+        "confusion": confusion,
+    }
+
+
+# ----------------------------------------------------------------------------- pictures
+
+def plot_confusion(confusion, classes, path, title):
+    """Row-normalised confusion matrix; stays readable at 100+ classes (smaller, thinned labels)."""
+    import matplotlib
+    import numpy as np
+
+    c = len(classes)
+    cm = confusion.double().numpy()
+    rows = cm.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(rows > 0, cm / rows, np.nan)  # a class absent from the data: a grey row
+    side = min(22.0, max(6.0, 3 + 0.19 * c))  # inches
+    fig = plots._figure(side + 2.5, side)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.9")
+    # square-root colour scale: a few stray mistakes in a row stay visible next to the diagonal
+    im = ax.imshow(norm, cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
+                   interpolation="nearest")
+    cell_pt = side * 0.75 * 72 / c  # points per row, roughly
+    step = max(1, math.ceil(6 / cell_pt))  # thin the labels below 6 pt per row
+    fontsize = min(9.0, max(5.0, 0.8 * cell_pt * step))
+    ticks = list(range(0, c, step))
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=fontsize)
+    if c <= 20:  # few enough cells to print the percentages
+        for t in range(c):
+            for p in range(c):
+                if cm[t, p]:
+                    ax.text(p, t, f"{100 * norm[t, p]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if norm[t, p] > 0.35 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (each row sums to 1)")
+    ax.set_title(title, fontsize=11 if c <= 20 else 14)
+    fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the row")
+    plots.save_figure(fig, path)
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _fit(draw, text, font, width):
+    """`text`, cut short with an ellipsis so it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def mistakes_sheet(mistakes, path, total, n, cell=180, cols=8):
+    """A grid of wrongly classified photos, each captioned with its true and predicted class.
+
+    `mistakes`: (path, true name, predicted name, confidence) rows, drawn in the order given.
+    With no mistakes the sheet says so, so an old sheet never outlives its run.
+    """
+    font, head_font = _font(13), _font(16)
+    line, head = 17, 34
+    if not mistakes:
+        sheet = Image.new("RGB", (640, 80), "white")
+        ImageDraw.Draw(sheet).text((12, 28), f"No mistakes: all {n} images were classified correctly.",
+                                   fill="black", font=head_font)
+        files.save_image(sheet, path)
+        return sheet
+    cols = min(cols, len(mistakes))
+    rows = math.ceil(len(mistakes) / cols)
+    height = cell + 2 * line + 6
+    width = max(cols * cell, 720)  # room for the heading even with one mistake
+    sheet = Image.new("RGB", (width, head + rows * height), "white")
+    draw = ImageDraw.Draw(sheet)
+    shown = "all shown" if len(mistakes) == total else f"the {len(mistakes)} most confident shown"
+    draw.text((8, 8), _fit(draw, f"{total} of {n} images wrong ({shown}). Black: true class; "
+                                 "red: predicted class, confidence", head_font, width - 16),
+              fill="black", font=head_font)
+    box = cell - 8
+    for k, (file, true, pred, conf) in enumerate(mistakes):
+        x, y = (k % cols) * cell, head + (k // cols) * height
+        try:
+            img = open_rgb(file)
+            fit = min(box / img.width, box / img.height)  # up or down: tiny photos stay visible
+            img = img.resize((max(1, round(img.width * fit)), max(1, round(img.height * fit))),
+                             Image.Resampling.BICUBIC)
+        except BadImage:  # changed since it was scored
+            img = Image.new("RGB", (box, box), "lightgray")
+        ix, iy = x + (cell - img.width) // 2, y + (cell - img.height) // 2
+        sheet.paste(img, (ix, iy))
+        draw.rectangle((ix - 1, iy - 1, ix + img.width, iy + img.height), outline="gray")  # shows white photos
+        draw.text((x + 4, y + cell), _fit(draw, f"true: {true}", font, cell - 8), fill="black", font=font)
+        draw.text((x + 4, y + cell + line), _fit(draw, f"pred: {pred} {100 * conf:.0f}%", font, cell - 8),
+                  fill=(200, 0, 0), font=font)
+    files.save_image(sheet, path)
+    return sheet
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _rel(path, root):
+    return Path(path).relative_to(root).as_posix()
+
+
+def _pct(k, n):
+    return f"{100 * k / n:.2f}% ({k}/{n})"
+
+
+def report_labelled(res, classes, data, out, args, problems, missing, max_mistakes=48):
+    m = metrics(res["labels"], res["top_i"], len(classes))
+    n, correct = m["n"], m["correct"]
+    top1 = correct / n
+    has_top5 = len(classes) > TOPK
+    top5 = m["topk_correct"] / n if has_top5 else None
+
+    say(f"Top-1 accuracy: {_pct(correct, n)}")
+    if has_top5:
+        say(f"Top-5 accuracy: {_pct(m['topk_correct'], n)}")
+    say(f"Macro-averaged recall: {100 * m['macro_recall']:.2f}% (mean over the {m['classes_present']} "
+        "classes present)")
+    present = [i for i in range(len(classes)) if m["per_n"][i]]
+    weakest = sorted((i for i in present if m["per_correct"][i] < m["per_n"][i]),
+                     key=lambda i: (m["per_correct"][i] / m["per_n"][i], i))[:5]
+    if weakest:
+        say("Weakest classes: " + ", ".join(f"{classes[i]} {_pct(m['per_correct'][i], m['per_n'][i])}"
+                                            for i in weakest))
+    if m["confused_pairs"]:
+        say("Most confused (true -> predicted):")
+        for t, p, count in m["confused_pairs"]:
+            say(f"  {classes[t]} -> {classes[p]}: {count} ({100 * count / m['per_n'][t]:.1f}% of {classes[t]})")
+    if missing:
+        say(f"Classes in the checkpoint but not in {data} ({len(missing)}): {', '.join(missing)}")
+    say(f"Validation Top1 Accuracy : {100 * top1:.2f}%")  # the original script's line, kept for its users
+
+    files.write_json(out / "score.json", {
+        "top1": top1, "top5": top5, "macro_recall": m["macro_recall"], "n": n, "correct": correct,
+        "top5_correct": m["topk_correct"] if has_top5 else None,
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "tta": bool(args.tta),
+        "classes_missing_from_data": missing, "skipped": list(problems.items),
+        "most_confused": [{"true": classes[t], "predicted": classes[p], "count": c}
+                          for t, p, c in m["confused_pairs"]],
+    })
+    labels, top_i, top_p = res["labels"].tolist(), res["top_i"].tolist(), res["top_p"].tolist()
+    files.write_csv(out / "predictions.csv", ["file", "true", "predicted", "confidence", "top5"], [
+        [_rel(f, data), classes[y], classes[i[0]], f"{p[0]:.4f}", "|".join(classes[j] for j in i)]
+        for f, y, i, p in zip(res["paths"], labels, top_i, top_p)])
+    files.write_csv(out / "per_class.csv", ["class", "n", "correct", "accuracy"], [
+        [classes[i], m["per_n"][i], m["per_correct"][i], f"{m['per_correct'][i] / m['per_n'][i]:.4f}"]
+        for i in present])
+
+    title = (f"{Path(args.checkpoint).name} on {data}: top-1 {100 * top1:.2f}% of {n}"
+             f"{', flip TTA' if args.tta else ''}")
+    plot_confusion(m["confusion"], classes, out / "confusion.png", title)
+    wrong = [k for k in range(n) if top_i[k][0] != labels[k]]
+    wrong.sort(key=lambda k: -top_p[k][0])  # confident mistakes are the most telling
+    mistakes_sheet([(res["paths"][k], classes[labels[k]], classes[top_i[k][0]], top_p[k][0])
+                    for k in wrong[:max_mistakes]], out / "mistakes.png", total=len(wrong), n=n)
+    say(f"wrote {out}/: {', '.join(OUTPUTS)}" + ("" if wrong else " (mistakes.png says there were none)"))
+
+
+def report_unlabelled(res, classes, data, out):
+    top_i, top_p = res["top_i"].tolist(), res["top_p"].tolist()
+    files.write_csv(out / "predictions.csv", ["file", "predicted", "confidence", "top5"], [
+        [_rel(f, data), classes[i[0]], f"{p[0]:.4f}", "|".join(classes[j] for j in i)]
+        for f, i, p in zip(res["paths"], top_i, top_p)])
+    # Pictures and scores of an earlier labelled run would now sit beside predictions they do not describe.
+    stale = [name for name in ("score.json", "per_class.csv", "confusion.png", "mistakes.png")
+             if (out / name).exists()]
+    for name in stale:
+        (out / name).unlink()
+    say(f"{data} is a flat folder of unlabelled images: wrote predictions only, {out / 'predictions.csv'}"
+        + (f"; removed {', '.join(stale)} of an earlier run" if stale else ""))
+
+
+def run(args):
+    """check_score.py's work; returns the exit code (0, or 1 when files were skipped)."""
+    data, out = Path(args.data), Path(args.out)
+    if args.batch_size < 1 or args.mistakes < 1:
+        raise UsageError("--batch-size and --mistakes must be at least 1")
+    if not data.is_dir():
+        raise UsageError(f"--data folder not found: {data}")
+    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
+        raise UsageError(f"--out {out} is inside --data {data}: its pictures would be read as data; "
+                         "choose a folder outside it")
+    ckpt = checkpoint.load(args.checkpoint)
+    classes, img_size = list(ckpt["classes"]), int(ckpt["img_size"])
+    samples, labelled = scan(data, classes)
+    device = resolve_device(args.device)
+    model = checkpoint.build_from(ckpt, args.checkpoint).to(device, memory_format=torch.channels_last)
+    missing = []
+    if labelled:
+        seen = {label for _, label in samples}
+        missing = [c for i, c in enumerate(classes) if i not in seen]
+    say(f"{args.checkpoint}: {ckpt['arch']}, {len(classes)} classes, {img_size} px, epoch {ckpt['epoch']}; "
+        f"scoring {len(samples)} {'labelled' if labelled else 'unlabelled'} files from {data} on {device}"
+        f"{' with flip TTA' if args.tta else ''}")
+
+    problems = Problems()
+    res = predict(model, samples, img_size=img_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
+                  batch_size=args.batch_size, tta=args.tta, problems=problems)
+    if not res["n"]:
+        raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
+    say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")
+    if labelled:
+        report_labelled(res, classes, data, out, args, problems, missing, args.mistakes)
+    else:
+        report_unlabelled(res, classes, data, out)
+    problems.summary("image file")
+    return problems.exit_code()

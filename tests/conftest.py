@@ -1,0 +1,62 @@
+"""Shared test helpers: the repository's scripts run as a user runs them, on real photos."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from smalldata.rembg_models import model_home  # noqa: E402
+
+model_home()  # sets U2NET_HOME for this process and the scripts it starts
+
+
+def run_script(script, *args, cwd=None, timeout=900, check=None):
+    """Run a top-level script with this interpreter; returns CompletedProcess (text)."""
+    cmd = [sys.executable, str(REPO / script), *map(str, args)]
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(cmd, cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check is not None and proc.returncode != check:
+        raise AssertionError(f"{script} exited {proc.returncode}, expected {check}\n"
+                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def skimage_photos():
+    """Real photos that ship with scikit-image: one per class."""
+    from skimage import data
+
+    return {"astronaut": data.astronaut(), "chelsea": data.chelsea(),
+            "coffee": data.coffee(), "rocket": data.rocket()}
+
+
+def write_photo_set(root, per_class, size=64, seed=0, classes=None):
+    """root/<class>/<i>.jpg: random crops of each class's photo (distinct real images per class)."""
+    rng = np.random.default_rng(seed)
+    photos = skimage_photos()
+    for name in classes or sorted(photos):
+        arr = photos[name]
+        h, w = arr.shape[:2]
+        (Path(root) / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            ch, cw = int(h * rng.uniform(0.6, 0.95)), int(w * rng.uniform(0.6, 0.95))
+            y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+            img = Image.fromarray(arr[y:y + ch, x:x + cw]).resize((size, size), Image.Resampling.BICUBIC)
+            if rng.random() < 0.5:
+                img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            img.save(Path(root) / name / f"{name}_{i:03d}.jpg", quality=92)
+    return Path(root)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """data/train (4 per class) and data/val (2 per class) of the four skimage photos, 64 px."""
+    data = tmp_path / "data"
+    write_photo_set(data / "train", per_class=4, seed=1)
+    write_photo_set(data / "val", per_class=2, seed=2)
+    return data
