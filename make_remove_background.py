@@ -57,16 +57,18 @@ def get_args(argv):
                    help="onnxruntime execution providers, comma list (overrides --device), "
                         "e.g. CUDAExecutionProvider,CPUExecutionProvider")
     p.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime intra-op threads; 0 = all cores this process may use")
-    p.add_argument("--workers", type=int, default=2,
-                   help="threads that decode, composite, encode and write around the model")
+                   help="onnxruntime intra-op threads per inference; as many inferences run at once as "
+                        "cores allow (at most 4). 0 = auto: CPU cores/4, at least 1; all cores on a GPU")
+    p.add_argument("--workers", type=int, default=0,
+                   help="threads that decode, composite, encode and write around the model; "
+                        "0 = auto: inferences at once + 1")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG compression (lossless at any level; 1 is fast, 9 is smallest)")
     args = p.parse_args(argv)
     if not 0 <= args.min_fg < args.max_fg <= 1:
         p.error("need 0 <= --min-fg < --max-fg <= 1 (shares, e.g. 0.02 and 0.98)")
-    if args.workers < 1 or args.threads < 0 or args.preview_count < 1:
-        p.error("--workers and --preview-count must be >= 1, --threads >= 0")
+    if args.workers < 0 or args.threads < 0 or args.preview_count < 1:
+        p.error("--workers and --threads must be >= 0, --preview-count >= 1")
     return args
 
 

@@ -37,6 +37,8 @@ def main(argv):
     cli.add_device_arg(p)
     args = p.parse_args(argv)
     args.init = args.init or str(Path(args.out) / "divergence.pth")
+    stat = Path(args.init).stat() if Path(args.init).is_file() else None
+    args.init_id = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None  # a retrained --init is a new run
     if args.epochs < 1 or args.batch_size < 2:
         raise cli.UsageError("--epochs must be at least 1, --batch-size at least 2")
     return stages.stage2(args)

@@ -54,11 +54,12 @@ def load_images(samples, img_size, problems=None, desc="decode", workers=None):
 
 
 def normalize(batch_uint8, mean, std):
-    """uint8 N,3,H,W -> float, normalised, channels_last (the layout cuDNN is fastest with)."""
+    """uint8 (or 0-255 float) N,3,H,W -> float, normalised; channels_last on GPU (cuDNN's fastest layout)."""
     x = batch_uint8.float().div_(255)
     m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous(memory_format=torch.channels_last)
+    x = (x - m) / s
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 class Augment:

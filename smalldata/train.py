@@ -24,8 +24,12 @@ from .model import build_model, count_parameters
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds",
                   "aug_loss", "aug_acc", "images_per_s"]
 # Arguments that define a run: a rerun with other values must not silently continue the old one.
-RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "seed", "no_br",
+RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
                 "no_ocm", "weight_decay", "gap_jump", "gap_window", "patience", "deterministic")
+# last.pth (weights + Adam state, 1.5 GB for VGG-13) is written at most this often during a run, and
+# always at its end: on a GPU an epoch takes about a second, and copying the optimizer state out
+# every epoch would cost more than the epoch. A crash loses at most this much training.
+LAST_EVERY_S = 20.0
 
 
 # ---------------------------------------------------------------- runtime and data
@@ -186,6 +190,7 @@ class Run:
         self.generator = torch.Generator().manual_seed(args.seed)
         self.extra_state = {}  # stage-specific state saved in last.pth (e.g. the divergence result)
         self.start_epoch = 1
+        self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
         self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
 
     # -- setup
@@ -193,10 +198,13 @@ class Run:
         self.arch, self.classes, self.img_size = arch, classes, img_size
         if mean is not None:
             self.mean, self.std = list(mean), list(std)
-        model = model.to(self.device, memory_format=torch.channels_last)
+        model = model.to(self.device)
+        if self.device.type == "cuda":  # cuDNN's fastest convolutions want NHWC; on CPU it is no faster
+            model = model.to(memory_format=torch.channels_last)
         self.model = model
+        # fused: one kernel for all parameters instead of a loop over 30+ tensors
         self.optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr,
-                                          weight_decay=self.args.weight_decay)
+                                          weight_decay=self.args.weight_decay, fused=True)
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
         self.data = {k: self._to_device(v) for k, v in data.items() if k in ("train", "orig", "val")}
         self.counts = data["counts"]
@@ -213,7 +221,7 @@ class Run:
         dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         say(f"== {self.title}")
         say(f"device {self.device} ({dev}), AMP {str(self.amp).replace('torch.', '') if self.amp else 'off'}, "
-            f"channels_last, compile {'on' if a.compile else 'off'}")
+            f"{'channels_last, ' if self.device.type == 'cuda' else ''}compile {'on' if a.compile else 'off'}")
         say(f"classes ({len(self.classes)}): {', '.join(self.classes[:20])}{' ...' if len(self.classes) > 20 else ''}")
         say("images: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()) + f" at {self.img_size} px")
         say(f"model {self.arch} {count_parameters(self.model):,} parameters; "
@@ -234,10 +242,11 @@ class Run:
         ckpt = checkpoint.make(state, **self.meta(epoch, row))
         self.writer.submit(str(path), lambda: checkpoint.save(ckpt, path))
 
-    def save_last(self, epoch, finished=False):
+    def save_last(self, epoch, state=None, finished=False):
         """last.pth: weights + optimizer + RNG + history, for an exact --resume."""
         row = self.history[-1] if self.history else {}
-        ckpt = checkpoint.make(checkpoint.model_state(self.model), **self.meta(epoch, row),
+        self.last_saved_at = time.monotonic()
+        ckpt = checkpoint.make(state or checkpoint.model_state(self.model), **self.meta(epoch, row),
                                optimizer=_to_cpu(self.optimizer.state_dict()),
                                scaler=self.scaler.state_dict() if self.scaler else None,
                                rng={"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
@@ -270,22 +279,22 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temps(self.dir)
         if eval_first and not self.history:
-            row = self.evaluate_row(0, 0.0, (math.nan, math.nan, 0.0))
-            self.record(row, on_epoch)
+            self.record(self.evaluate_row(0, 0.0, (math.nan, math.nan, 0.0)), on_epoch)
         for epoch in range(self.start_epoch, self.args.epochs + 1):
             t0 = time.perf_counter()
             aug = train_epoch(self.step_model, self.optimizer, self.scaler, self.data["train"], self.args,
                               self.device, self.amp, self.generator, self.mean, self.std,
                               desc=f"epoch {epoch}/{self.args.epochs}")
             row = self.evaluate_row(epoch, time.perf_counter() - t0, aug)
-            stop = self.record(row, on_epoch)
-            if not self.writer.pending("last"):  # skip, rather than queue, while the disk is behind
-                self.save_last(epoch)
+            stop, state = self.record(row, on_epoch)
+            due = time.monotonic() - self.last_saved_at >= LAST_EVERY_S
+            if due and not self.writer.pending("last"):  # skip, rather than queue, while the disk is behind
+                self.save_last(epoch, state)
             if stop:
                 break
         epoch = self.history[-1]["epoch"] if self.history else 0
         self.writer.flush()
-        self.save_last(epoch, finished=True)
+        self.save_last(epoch, self.weights_of(epoch), finished=True)
         self.writer.close()
         return self.history
 
@@ -319,7 +328,7 @@ class Run:
         label = self.extra_state.get("marked_label")
         self.writer.submit("curves", lambda: plots.training_curves(rows, self.dir / "curves.png", self.title,
                                                                    mark, label))
-        return stop
+        return stop, state
 
     def prune_epoch_files(self):
         """Keep only the recent epochs' files on disk (all of them with --keep-all)."""
