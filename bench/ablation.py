@@ -12,13 +12,13 @@ same --epochs (the budget) and the stage-1 divergence rule at its defaults:
   b  + BR                  model_1e-4.py --no-ocm
   c  + OCM                 model_1e-4.py --no-br
   d  + BR + OCM            model_1e-4.py
-  e  + BR + OCM + 1e-7     model_1e-7_ep20.py from d's divergence.pth (d's stage 1 is reused: same seed,
-                           same command, so rerunning it would give the same checkpoint)
+  e  + BR + OCM + 1e-7     model_1e-7_ep20.py from d's divergence.pth (d's stage 1 is reused rather
+                           than trained again: it is the same command with the same seed)
 each scored by check_score.py on data/test (divergence.pth for a-d, final.pth for e).
 Equal epochs is not equal steps: b-d see more images per epoch than a, as in the recipe itself.
 Writes results.json, results.md (the table) and ablation.png (bar chart) to --out and prints the table.
-Defaults are small on CPU (64 px, 5 classes, 10 + 5 epochs) and the real ones on a GPU (256 px,
-17 classes, up to 100 + 20 epochs). The work folder is rebuilt on every run.
+Defaults are small on CPU (64 px, 5 classes, batch 16, 10 + 5 epochs) and the real ones on a GPU
+(256 px, all classes, batch 32, up to 100 + 20 epochs). The work folder is rebuilt on every run.
 """
 import argparse
 import csv
@@ -37,6 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from smalldata.images import list_files  # noqa: E402
+from smalldata.train import best_epoch  # noqa: E402
 
 CONFIGS = {  # name: (label, stage-1 flags, stage-1 run it belongs to, 1e-7 stage?)
     "a": ("originals", ["--no-br", "--no-ocm"], "a", False),
@@ -47,12 +48,16 @@ CONFIGS = {  # name: (label, stage-1 flags, stage-1 run it belongs to, 1e-7 stag
 }
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown, and the docstring's layout kept."""
+
+
 def get_args():
     import torch  # only to pick the defaults
 
     gpu = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=HelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "datasets" / "oxford17flowers",
                    help="real photos, <class>/<image>")
     p.add_argument("--out", type=Path, default=Path("/tmp/smalldata-bench/ablation"),
@@ -63,12 +68,12 @@ def get_args():
     p.add_argument("--train-per-class", type=int, default=12, help="original training photos per class")
     p.add_argument("--val-per-class", type=int, default=10, help="validation photos per class")
     p.add_argument("--test-per-class", type=int, default=20, help="test photos per class")
-    p.add_argument("--img-size", type=int, default=256 if gpu else 64)
+    p.add_argument("--img-size", type=int, default=256 if gpu else 64, help="for OCM and stage 1")
     p.add_argument("--epochs", type=int, default=100 if gpu else 10,
                    help="stage-1 epochs, the same for every configuration (the divergence rule may stop earlier)")
     p.add_argument("--stage2-epochs", type=int, default=20 if gpu else 5, help="epochs of the 1e-7 stage (e)")
     p.add_argument("--batch-size", type=int, default=32 if gpu else 16)
-    p.add_argument("--ocm-count", type=float, default=2.5,
+    p.add_argument("--ocm-per-photo", type=float, default=2.5,
                    help="OCM images per original training photo (the original: 500 from about 200)")
     p.add_argument("--br-model", default="u2netp", help="rembg model for make_remove_background.py")
     p.add_argument("--weights", default="none",
@@ -136,10 +141,14 @@ def read_json(path):
     return json.loads(Path(path).read_text())
 
 
-def stage_summary(stage_dir):
-    """Epochs trained and the chosen epoch's val_acc, from the stage's metrics.csv."""
-    rows = list(csv.DictReader(open(Path(stage_dir) / "metrics.csv")))
-    return {"epochs_run": int(rows[-1]["epoch"]), "val_acc_by_epoch": [float(r["val_acc"]) for r in rows]}
+def stage_summary(stage_dir, kept=None):
+    """Epochs trained, the kept epoch (default: best val, as stage 2 keeps it) and its val_acc, from metrics.csv."""
+    rows = [{k: float(v) for k, v in r.items() if k in ("epoch", "val_acc", "gap")}
+            for r in csv.DictReader(open(Path(stage_dir) / "metrics.csv"))]
+    kept = best_epoch(rows) if kept is None else kept
+    return {"epochs_run": int(rows[-1]["epoch"]), "kept_epoch": int(kept),
+            "val_acc_kept": next(r["val_acc"] for r in rows if r["epoch"] == kept),
+            "val_acc_by_epoch": [r["val_acc"] for r in rows]}
 
 
 def drop_checkpoints(folder):
@@ -148,7 +157,7 @@ def drop_checkpoints(folder):
 
 
 def run_seed(seed, args):
-    """Split, BR, OCM and every configuration for one seed; returns a list of result dicts."""
+    """Split, BR, OCM and every configuration for one seed; returns the seed's settings and results."""
     work = args.out / "work" / f"seed{seed}"
     shutil.rmtree(work, ignore_errors=True)
     data, logs = work / "data", work / "logs"
@@ -158,7 +167,7 @@ def run_seed(seed, args):
     prep = {}
     _, prep["br_s"] = run("make_remove_background.py", ["--src", data / "train", "--dst", data / "br",
                                                          "--model", args.br_model], logs / "br.log")
-    ocm_count = round(args.ocm_count * counts["train"])
+    ocm_count = round(args.ocm_per_photo * counts["train"])
     _, prep["ocm_s"] = run("make_cutmix.py", ["--src", data / "train", "--dst", data / "ocm", "--count", ocm_count,
                                               "--img-size", args.img_size, "--seed", seed], logs / "ocm.log")
     prep["br_images"] = len(list_files(data / "br"))
@@ -172,9 +181,11 @@ def run_seed(seed, args):
             print(f"[seed {seed}] {name}: {label}", flush=True)
             _, s = run("model_1e-4.py", [*common, "--out", out, "--epochs", args.epochs, "--img-size", args.img_size,
                                          "--weights", args.weights, *flags], logs / f"{s1_name}_1e-4.log")
-            stage1[s1_name] = {"seconds": s, **stage_summary(out / "1e-4"),
-                               "chosen_epoch": read_json(out / "1e-4" / "divergence.json")["chosen_epoch"],
-                               "rule_fired": read_json(out / "1e-4" / "divergence.json")["fired"] is not None}
+            if not args.keep_checkpoints:  # scoring needs only divergence.pth: free the GBs of epochs/, last.pth
+                drop_checkpoints(out / "1e-4")
+            div = read_json(out / "1e-4" / "divergence.json")
+            stage1[s1_name] = {"seconds": s, **stage_summary(out / "1e-4", div["chosen_epoch"]),
+                               "rule_fired": div["fired"] is not None}
         else:
             print(f"[seed {seed}] {name}: {label} (stage 1 of {s1_name} reused)", flush=True)
         train_s, ckpt, stage2 = stage1[s1_name]["seconds"], out / "divergence.pth", None
@@ -199,6 +210,11 @@ def run_seed(seed, args):
 
 # ---------------------------------------------------------------- reporting
 
+def kept(run):
+    """The scored checkpoint's stage summary: stage 2's for e, stage 1's otherwise."""
+    return run["stage2"] or run["stage1"]
+
+
 def aggregate(seeds, configs):
     rows = []
     for name in configs:
@@ -206,29 +222,31 @@ def aggregate(seeds, configs):
         top1 = [r["top1"] for r in runs]
         rows.append({"config": name, "label": runs[0]["label"], "top1": top1, "mean": statistics.mean(top1),
                      "std": statistics.stdev(top1) if len(top1) > 1 else 0.0,
+                     "val": [kept(r)["val_acc_kept"] for r in runs],
+                     "epochs": [f"{kept(r)['kept_epoch']} / {kept(r)['epochs_run']}" for r in runs],
                      "train_seconds": statistics.mean(r["train_seconds"] for r in runs),
-                     "chosen_epochs": [r["stage1"]["chosen_epoch"] for r in runs],
-                     "epochs_run": [r["stage1"]["epochs_run"] for r in runs]})
+                     "score_seconds": statistics.mean(r["score_seconds"] for r in runs)})
     return rows
 
 
-def markdown(rows, seeds, args):
+def markdown(rows, seeds):
     n = len(seeds)
-    chance = 100 / len(seeds[0]["classes"])
     head = "test top-1 %" + (f" (mean ± std of {n} seeds; per seed)" if n > 1 else "")
-    lines = [f"| run | training data | {head} | stage-1 epoch kept / run | train s |",
-             "|---|---|---|---|---|"]
+    lines = [f"| run | training data | {head} | val % of the kept epoch | epoch kept / epochs run | train s | score s |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         top = f"{r['mean']:.1f}" + (f" ± {r['std']:.1f} ({', '.join(f'{t:.1f}' for t in r['top1'])})" if n > 1 else "")
-        epochs = ", ".join(f"{c} / {e}" for c, e in zip(r["chosen_epochs"], r["epochs_run"]))
-        lines.append(f"| {r['config']} | {r['label']} | {top} | {epochs} | {r['train_seconds']:.0f} |")
-    prep = seeds[0]["prep"]
-    lines += ["", f"Chance: {chance:.1f} %. Test: {seeds[0]['counts']['test']} photos per seed. "
-              f"Per seed once: BR {statistics.mean(s['prep']['br_s'] for s in seeds):.0f} s "
-              f"({prep['br_images']} of {seeds[0]['counts']['train']} photos kept), "
-              f"OCM {statistics.mean(s['prep']['ocm_s'] for s in seeds):.0f} s ({prep['ocm_images']} images). "
-              "Train s: wall seconds of the run's model_1e-4.py (+ model_1e-7_ep20.py for e; e's stage 1 is d's, "
-              "counted in both rows), mean over seeds."]
+        lines.append(f"| {r['config']} | {r['label']} | {top} | {', '.join(f'{v:.1f}' for v in r['val'])} | "
+                     f"{', '.join(r['epochs'])} | {r['train_seconds']:.0f} | {r['score_seconds']:.0f} |")
+    first = seeds[0]
+    lines += ["", f"Chance: {100 / len(first['classes']):.1f} %. Test: {first['counts']['test']} photos, "
+              f"val: {first['counts']['val']}, train: {first['counts']['train']} originals per seed. "
+              f"Once per seed: BR {statistics.mean(s['prep']['br_s'] for s in seeds):.0f} s "
+              f"({', '.join(str(s['prep']['br_images']) for s in seeds)} BR images written), "
+              f"OCM {statistics.mean(s['prep']['ocm_s'] for s in seeds):.0f} s ({first['prep']['ocm_images']} images). "
+              "Epochs of e are its 1e-7 stage's (epoch 0 = d's checkpoint). Train s: wall seconds of "
+              "model_1e-4.py, plus model_1e-7_ep20.py for e (whose stage 1 is d's, counted in both rows); "
+              "means over seeds."]
     return "\n".join(lines)
 
 
@@ -244,7 +262,7 @@ def bar_chart(rows, seeds, path):
            color="#4c72b0", capsize=4)
     for x, r in zip(xs, rows):  # every seed's score as a dot, so the spread is visible
         ax.scatter([x] * len(r["top1"]), r["top1"], color="black", s=12, zorder=3)
-        ax.text(x, r["mean"] + 1, f"{r['mean']:.1f}", ha="center", va="bottom", fontsize=8)
+        ax.text(x, 2, f"{r['mean']:.1f}", ha="center", va="bottom", fontsize=9, color="white")  # clear of the dots
     ax.axhline(100 / len(seeds[0]["classes"]), color="gray", ls="--", lw=1, label="chance")
     ax.set_xticks(list(xs), [f"{r['config']}\n{r['label'].replace(' + 1e-7 stage', ' +1e-7')}" for r in rows],
                   fontsize=8)
@@ -267,7 +285,7 @@ def main():
     t0 = time.perf_counter()
     seeds = [run_seed(args.first_seed + i, args) for i in range(args.seeds)]
     rows = aggregate(seeds, [c for c in CONFIGS if c in args.configs])
-    table = markdown(rows, seeds, args)
+    table = markdown(rows, seeds)
     settings["total_seconds"] = round(time.perf_counter() - t0)
     settings["command"] = shlex.join([Path(sys.executable).name, *sys.argv])
     (args.out / "results.json").write_text(json.dumps({"settings": settings, "summary": rows, "seeds": seeds},

@@ -6,6 +6,7 @@ PIL. A gate lets only as many inferences run at once as the cores can take (see 
 """
 import argparse
 import contextlib
+import errno
 import os
 import sys
 import threading
@@ -71,6 +72,12 @@ def plan(src, dst):
     if clashes:
         raise UsageError("two inputs map to the same output name; rename one of each pair:\n  "
                          + "\n  ".join(clashes))
+    # A class or sub-folder of dst that is a link to elsewhere would put outputs outside dst.
+    outside = [dst / c for c in classes if not files.is_inside(c, dst)]
+    outside += [out for _, out, _ in jobs if not files.is_inside(out.relative_to(dst), dst)]
+    if outside:
+        raise UsageError(f"{outside[0]} leads outside {dst} (a link?); refusing to write there. "
+                         "Remove the link or choose another --dst")
     stray = sorted(p for p in src.iterdir() if p.is_file() and not is_junk(p))
     return jobs, stray, classes
 
@@ -360,8 +367,12 @@ def run(opt):
     stale = files.remove_stale_temps(opt.dst)
     if stale:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
+    used = {cls for _, _, cls in jobs}
     for cls in classes:  # every class folder, even one whose photos all fail
         (Path(opt.dst) / cls).mkdir(parents=True, exist_ok=True)
+        if cls not in used:
+            say(f"warning: class folder {Path(opt.src) / cls} holds no files; {Path(opt.dst) / cls} stays "
+                "empty (training refuses an empty class)", file=sys.stderr)
     todo = jobs if opt.overwrite else [j for j in jobs if not j[1].exists()]
     existing = len(jobs) - len(todo)
     say(f"{len(jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
@@ -397,7 +408,7 @@ def run(opt):
                     except BadImage as e:
                         status, note = "failed", str(e).removeprefix(f"{src}: ")
                     except OSError as e:
-                        if e.errno == 28:  # disk full: stop, main_wrapper explains
+                        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # disk full: stop, main_wrapper explains
                             raise
                         status, note = "failed", f"{type(e).__name__}: {e}"
                     except Exception as e:  # one bad file must not stop the others

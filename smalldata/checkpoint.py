@@ -5,6 +5,7 @@ import pickle
 import threading
 import zipfile
 from collections import OrderedDict
+from pathlib import Path
 
 import torch
 
@@ -40,27 +41,79 @@ def json_args(args):
 
 
 def save(ckpt, path):
-    with files.atomic_path(path) as tmp:
-        torch.save(ckpt, tmp)
+    # Through a Python file: a full disk is then an OSError (ENOSPC) that says so, not torch's
+    # "unexpected pos" RuntimeError from its own C++ writer; and the archive's inner folder is
+    # always "archive", not the temporary's random name.
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(ckpt, f)
+        except RuntimeError as e:  # the zip writer, failing to finish after a failed write, hides its OSError
+            cause = e.__context__
+            while cause is not None and not isinstance(cause, OSError):
+                cause = cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
 
 
 def load(path):
     """Open a checkpoint safely: weights_only=True, so a file carrying code is refused, not run."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint") from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise CheckpointError(f"{path}: refused: it holds objects that a weights-only load does not allow "
-                              f"(possibly code). Only open it with full trust in its source. ({first})") from None
+        raise CheckpointError(f"{path}: {_refusal(e)}") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file: "
                               f"{str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in REQUIRED):
         missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
         raise CheckpointError(f"{path}: not a checkpoint of this pipeline (missing {', '.join(missing)})")
+    wrong = malformed(ckpt)
+    if wrong:
+        raise CheckpointError(f"{path}: not a usable checkpoint of this pipeline ({'; '.join(wrong)})")
     return ckpt
+
+
+def malformed(ckpt):
+    """What is wrong with the types of a checkpoint's fields (a foreign or hand-edited file), if anything."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    checks = {
+        "model": isinstance(ckpt["model"], dict) and all(isinstance(k, str) and torch.is_tensor(v)
+                                                         for k, v in ckpt["model"].items()),
+        "arch": isinstance(ckpt["arch"], str),
+        "classes": isinstance(ckpt["classes"], list) and len(ckpt["classes"]) > 0
+                   and all(isinstance(c, str) for c in ckpt["classes"]),
+        "img_size": isinstance(ckpt["img_size"], int) and not isinstance(ckpt["img_size"], bool)
+                    and ckpt["img_size"] > 0,
+        "mean": isinstance(ckpt["mean"], list) and len(ckpt["mean"]) == 3 and all(map(number, ckpt["mean"])),
+        "std": isinstance(ckpt["std"], list) and len(ckpt["std"]) == 3
+               and all(number(x) and x > 0 for x in ckpt["std"]),
+        "epoch": isinstance(ckpt["epoch"], int) and not isinstance(ckpt["epoch"], bool),
+        "metrics": isinstance(ckpt["metrics"], dict),
+        "args": isinstance(ckpt["args"], dict),
+    }
+    return [f"{k} is not {WANTED[k]}" for k, ok in checks.items() if not ok]
+
+
+WANTED = {"model": "a state_dict (names to tensors)", "arch": "a model name", "classes": "a list of class names",
+          "img_size": "a positive int", "mean": "3 numbers", "std": "3 positive numbers", "epoch": "an int",
+          "metrics": "a dict", "args": "a dict"}
+
+
+def _refusal(e):
+    """Why the weights-only loader stopped, in one line (torch's own message is a page about torch 2.6)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if "unsupported" in ln.lower()), lines[0] if lines else "unsafe content")
+    if "global" in detail.lower():
+        return (f"refused: it asks to run or build Python objects ({detail}); a weights-only load never does. "
+                "Only open it with full trust in its source")
+    return f"refused: not a plain weights file ({detail}): damaged, random bytes, or a pickle of other objects"
 
 
 def build_from(ckpt, path="checkpoint"):
@@ -68,12 +121,17 @@ def build_from(ckpt, path="checkpoint"):
     from .model import build_model
 
     model = build_model(ckpt["arch"], len(ckpt["classes"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: weights do not fit {ckpt['arch']} with "
-                              f"{len(ckpt['classes'])} classes ({str(e).splitlines()[0]})") from None
+    load_weights(model, ckpt["model"], path, f"{ckpt['arch']} with {len(ckpt['classes'])} classes")
     return model
+
+
+def load_weights(model, state, path, what, strict=True):
+    """load_state_dict, with a mismatch reported as a CheckpointError naming the file."""
+    try:
+        model.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise CheckpointError(f"{path}: its weights do not fit {what} ({'; '.join(lines[:2])[:300]})") from None
 
 
 class BackgroundWriter:

@@ -1,5 +1,6 @@
 """What every script shares at its edges: exit codes, error messages, skipped-file reports."""
 import argparse
+import errno
 import sys
 import traceback
 
@@ -57,7 +58,7 @@ def main_wrapper(main):
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         code = 130
     except OSError as e:
-        if e.errno == 28:  # ENOSPC
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # disk full, or over quota
             print(f"error: disk full while writing ({e}); files already written are intact, "
                   "free some space and rerun to continue", file=sys.stderr)
             code = EXIT_FAIL

@@ -27,6 +27,10 @@ def atomic_path(path):
         with open(tmp, "rb+") as f:  # data must be on disk before the name points at it
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.filename is None:  # a write into an open file (a full disk) names no file: name the one we write
+            e.filename = str(path)
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -73,16 +77,31 @@ def _pil_format(path):
 
 
 def remove_stale_temps(folder):
-    """Delete temporaries that a killed run left under `folder`; returns how many."""
+    """Delete temporaries that a killed run left under `folder`; returns how many.
+
+    A temporary of a process that is still running (its pid is in the name) is left alone: it
+    may be another script writing into a shared folder right now.
+    """
     count = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for p in folder.rglob(f".*{TEMP_MARK}*"):
-        if p.is_file():
+        if p.is_file() and not _writer_alive(p.name):
             p.unlink(missing_ok=True)
             count += 1
     return count
+
+
+def _writer_alive(name):
+    try:
+        pid = int(name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0])
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except (ValueError, IndexError, ProcessLookupError):
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def is_inside(path, root) -> bool:

@@ -46,10 +46,13 @@ def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
         raise
     except Image.DecompressionBombError as e:
         raise BadImage(f"{path}: refused, too many pixels ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise BadImage(f"{path}: not an image file (unknown format)") from None
+    except Image.UnidentifiedImageError:  # (Pillow says this of a zero-byte file too)
+        raise BadImage(f"{path}: {'empty file' if _is_empty(path) else 'not an image file (unknown format)'}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
-        reason = "empty file" if _is_empty(path) else f"corrupt or unreadable image ({e})"
+        if os.path.islink(path) and not os.path.exists(path):
+            reason = f"a symbolic link that leads nowhere (broken, or a loop) ({e})"
+        else:
+            reason = "empty file" if _is_empty(path) else f"corrupt or unreadable image ({e})"
         raise BadImage(f"{path}: {reason}") from None
 
 
@@ -77,7 +80,11 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
 
 
 def list_files(root):
-    """All non-junk files below `root`, sorted, following folder links but never in a loop."""
+    """All non-junk files below `root`, sorted, following folder links but never in a loop.
+
+    A link that leads nowhere (broken, or a loop) is listed too, so that the caller names it as
+    unreadable instead of a photo going missing without a word; FIFOs and other non-files are not.
+    """
     root = Path(root)
     out, seen = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -89,7 +96,7 @@ def list_files(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             p = Path(dirpath, name)
-            if not is_junk(p) and p.is_file():
+            if not is_junk(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
                 out.append(p)
     return out
 

@@ -377,6 +377,7 @@ def run(args):
     if not res["n"]:
         raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
     say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")
+    files.remove_stale_temps(out)  # half-written files of a killed earlier run
     if labelled:
         report_labelled(res, classes, data, out, args, problems, missing, args.mistakes)
     else:

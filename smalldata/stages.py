@@ -67,18 +67,28 @@ def initial_model(args, classes):
     if ckpt["classes"] != list(classes):  # other classes: keep the body, start a fresh head
         head = {k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape}
         state = {k: v for k, v in state.items() if k not in head}
-        model.load_state_dict(state, strict=False)
+        checkpoint.load_weights(model, state, args.weights, args.arch, strict=False)
         return model, f"body of {args.weights} (other classes: new head)"
-    model.load_state_dict(state)
+    checkpoint.load_weights(model, state, args.weights, args.arch)
     return model, f"weights of {args.weights} (epoch {ckpt['epoch']})"
+
+
+def prepare_out(args, stage_name):
+    """The stage folder, after refusing an --out inside --data and clearing a killed run's temporaries."""
+    out = Path(args.out)
+    if files.is_inside(out.resolve(), Path(args.data).resolve()):
+        raise UsageError(f"--out {out} is inside --data {args.data}: the next run would read the checkpoints "
+                         "folder as a class; choose an --out outside the data")
+    files.remove_stale_temps(out)
+    return out, out / stage_name
 
 
 def stage1(args):
     """Train at lr 1e-4 and keep the divergence checkpoint; returns the exit code."""
-    out = Path(args.out)
-    stage_dir = out / "1e-4"
+    out, stage_dir = prepare_out(args, "1e-4")
     prev = previous_run(args, stage_dir)
     if prev == "done":
+        restore_divergence_pth(out, stage_dir)
         return 0
     run = Run(args, stage_dir, f"stage 1: {args.arch} lr {args.lr:g}", keep_recent=args.gap_window + 1)
     img_size = prev["img_size"] if prev else args.img_size
@@ -117,16 +127,34 @@ def stage1(args):
         st["stopped_early"] = bool(fired and row["epoch"] >= fired["fired_at_epoch"] + args.patience)
         return st["stopped_early"]
 
-    history = run.fit(on_epoch)
-    if "divergence" not in run.extra_state:
-        chosen = run.extra_state["best_epoch"]
-        files.copy_file(stage_dir / "best.pth", out / "divergence.pth")
-        write_divergence_json(stage_dir, args, history, None, chosen)
-        say(f"the divergence rule did not fire in {len(history)} epochs; kept the best-val epoch {chosen} "
-            f"as {out / 'divergence.pth'}")
+    def on_end():  # the rule never fired: the best-val epoch stands in (written before last.pth is finished)
+        if "divergence" not in run.extra_state:
+            chosen = run.extra_state["best_epoch"]
+            files.copy_file(stage_dir / "best.pth", out / "divergence.pth")
+            write_divergence_json(stage_dir, args, run.history, None, chosen)
+            say(f"the divergence rule did not fire in {len(run.history)} epochs; kept the best-val epoch "
+                f"{chosen} as {out / 'divergence.pth'}")
+
+    run.fit(on_epoch, on_end=on_end)
     plots_note(stage_dir)
     run.problems.summary()
     return run.problems.exit_code()
+
+
+def restore_divergence_pth(out, stage_dir):
+    """A finished stage 1 whose divergence.pth is gone (deleted, or lost to a kill): write it again."""
+    target = out / "divergence.pth"
+    if target.exists():
+        return
+    state = checkpoint.load(stage_dir / "last.pth")["stage"]
+    chosen = state["divergence"]["chosen_epoch"] if "divergence" in state else state["best_epoch"]
+    for source in (stage_dir / "epochs" / f"epoch_{chosen:03d}.pth", stage_dir / "best.pth"):
+        if source.exists() and checkpoint.load(source)["epoch"] == chosen:
+            files.copy_file(source, target)
+            say(f"{target} was missing; written again from {source} (epoch {chosen})")
+            return
+    raise UsageError(f"{target} is missing and the weights of its epoch ({chosen}) are no longer kept; "
+                     "rerun with --fresh")
 
 
 def _row(history, epoch):
@@ -153,8 +181,7 @@ def write_divergence_json(stage_dir, args, history, found, fallback_epoch=None):
 
 def stage2(args):
     """Fine-tune at lr 1e-7 from --init and keep the best epoch as final.pth; returns the exit code."""
-    out = Path(args.out)
-    stage_dir = out / "1e-7"
+    out, stage_dir = prepare_out(args, "1e-7")
     prev = previous_run(args, stage_dir)
     if prev == "done":
         return 0

@@ -274,8 +274,12 @@ class Run:
         say(f"resuming after epoch {ckpt['epoch']} ({len(self.history)} epochs of history)")
 
     # -- the loop
-    def fit(self, on_epoch, eval_first=False):
-        """Train to args.epochs; on_epoch(row, state) runs after each epoch and returns True to stop."""
+    def fit(self, on_epoch, eval_first=False, on_end=None):
+        """Train to args.epochs; on_epoch(row, state) runs after each epoch and returns True to stop.
+
+        on_end() runs after the last epoch, before last.pth is marked finished: what it writes
+        exists whenever a finished last.pth does.
+        """
         self.dir.mkdir(parents=True, exist_ok=True)
         files.remove_stale_temps(self.dir)
         if eval_first and not self.history:
@@ -294,6 +298,8 @@ class Run:
                 break
         epoch = self.history[-1]["epoch"] if self.history else 0
         self.writer.flush()
+        if on_end is not None:
+            on_end()
         self.save_last(epoch, self.weights_of(epoch), finished=True)
         self.writer.close()
         return self.history

@@ -20,7 +20,7 @@ def test_the_five_scripts_run_in_order_and_write_only_data_and_checkpoints(tmp_p
     before = git_status()
     cpu = ["--device", "cpu"]
 
-    run_script("make_remove_background.py", "--model", "u2netp", cwd=tmp_path, check=0)
+    run_script("make_remove_background.py", "--model", "u2netp", "--fallback", "copy", cwd=tmp_path, check=0)
     run_script("make_cutmix.py", "--count", "8", "--img-size", "32", cwd=tmp_path, check=0)
     r1 = run_script("model_1e-4.py", "--weights", "none", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
                     *cpu, cwd=tmp_path, check=0)
