@@ -10,6 +10,7 @@ process environment. Two rates, each measured the same way for both:
 subset is copied twice: flat (class-prefixed names) for it, and as class folders for ours.
 Rounds alternate which command goes first, so drifting load on a shared machine hits both; CPU
 seconds (all threads of the command) are printed too, as they vary less with load than wall time.
+Last, the bare model's inference rate on all cores is measured: the ceiling both commands run under.
 Ours runs with --fallback copy so that both write every photo (a photo without a found object gets
 its original written instead of being skipped; the inference is done either way).
 
@@ -73,6 +74,40 @@ def timed(cmd, env):
     return seconds, cpu, proc
 
 
+def inference_ceiling(model, seconds=10.0):
+    """Images/s of the bare ONNX model on a fixed 320 px input, using every core (two sessions of
+    cpu_count/2 threads each, run concurrently, as ours does): no decode, resize, mask or encode.
+    No folder command can be faster than this; it is what the two are measured against."""
+    import threading
+
+    import numpy as np
+    import onnxruntime as ort
+
+    path = Path(model_home()) / f"{model}.onnx"
+    if not path.exists():
+        return None
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, (os.cpu_count() or 2) // 2)
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    inp = session.get_inputs()[0]
+    x = np.random.default_rng(0).random((1, 3, 320, 320), dtype=np.float32)
+    session.run(None, {inp.name: x})
+    done, stop = [], time.perf_counter() + seconds
+
+    def work():
+        while time.perf_counter() < stop:
+            session.run(None, {inp.name: x})
+            done.append(1)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return len(done) / (time.perf_counter() - t0)
+
+
 def main():
     args = get_args()
     if not args.photos.is_dir():
@@ -131,6 +166,12 @@ def main():
     for kind in ("end to end", "steady"):
         ours, theirs = (statistics.median(rates[k][kind]) for k in ("ours", "rembg p"))
         print(f"  {kind:10s}  ours {ours:.2f} images/s, rembg p {theirs:.2f} images/s, ratio {ours / theirs:.2f}x")
+    ceiling = inference_ceiling(args.model)
+    if ceiling:
+        best = statistics.median(rates["rembg p"]["steady"])
+        print(f"  ceiling     {args.model} inference alone (320 px input, all cores) {ceiling:.2f} images/s: "
+              f"at most {ceiling / best:.2f}x rembg p's steady rate; ours reaches "
+              f"{100 * statistics.median(rates['ours']['steady']) / ceiling:.0f}% of it")
     if args.keep:
         print(f"kept: {tmp}")
     else:

@@ -306,7 +306,9 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
             say(f"  {classes[t]} -> {classes[p]}: {count} ({100 * count / m['per_n'][t]:.1f}% of {classes[t]})")
     if missing:
         say(f"Classes in the checkpoint but not in {data} ({len(missing)}): {', '.join(missing)}")
-    say(f"Validation Top1 Accuracy : {100 * top1:.2f}%")  # the original script's line, kept for its users
+    # The original script's line, kept for its users; named after the split it measured.
+    split = "Test" if Path(data).name.lower().startswith("test") else "Validation"
+    say(f"{split} Top1 Accuracy : {100 * top1:.2f}%")
 
     files.write_json(out / "score.json", {
         "top1": top1, "top5": top5, "macro_recall": m["macro_recall"], "n": n, "correct": correct,

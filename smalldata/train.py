@@ -108,8 +108,9 @@ def train_epoch(model, optimizer, scaler, data, args, device, amp, generator, me
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
-    start = time.perf_counter()
-    for idx in tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stdout):
+    start = shown = time.perf_counter()
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stdout)
+    for idx in bar:
         idx = idx.to(device, non_blocking=True)
         x = normalize(augment(x_all[idx], generator), mean, std)
         y = y_all[idx]
@@ -124,10 +125,14 @@ def train_epoch(model, optimizer, scaler, data, args, device, amp, generator, me
         else:
             loss.backward()
             optimizer.step()
-        # Accumulate on the device: no host sync per step.
+        # Accumulate on the device: no host sync per step, only for the bar's numbers twice a second.
         loss_sum += loss.detach().float() * len(idx)
         correct += (logits.argmax(1) == y).sum()
         seen += len(idx)
+        if time.perf_counter() - shown > 0.5:
+            shown = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%",
+                            refresh=False)
     loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # one sync per epoch
     return loss, acc, seen / (time.perf_counter() - start)
 

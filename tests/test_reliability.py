@@ -847,7 +847,8 @@ def test_training_refuses_an_output_folder_inside_the_data(small_data, tmp_path,
     inside = data / "train" / "ck"
     r = run_here(S1, "--data", data, "--out", inside, "--arch", "resnet18", "--epochs", "1", "--img-size", "32",
                  "--batch-size", "8", "--weights", "none", "--device", "cpu")
+    written = len(visible(inside)) if inside.exists() else 0
     reliability("hostile file", "--out inside --data/train", S1,
-                f"exit {r.returncode}; {len(visible(inside)) if inside.exists() else 0} files written into the "
-                "training data (a new 'class' for the next run)")
+                f"exit {r.returncode}; " + (f"{written} files written into the training data (a new 'class' for "
+                                           "the next run)" if written else "refused; nothing written"))
     assert r.returncode == 2 and not inside.exists()
