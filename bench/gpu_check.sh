@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements in one run (a few minutes on an H100/H200): training throughput of ours
 # against the torchvision-tutorial baseline, then the whole pipeline on the demo data in the GPU
-# configuration (256 px, 500 OCM, up to 100 + 20 epochs), with each step's wall time.
+# configuration (256 px, 500 OCM, up to 100 + 20 epochs, val and test scores), with each step's wall time.
 #
 #   bash bench/gpu_check.sh PHOTOS [RESULTS]     # PHOTOS: a <class>/<image> folder of real photos
 #
@@ -18,8 +18,8 @@ export PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$results/device.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$results/device.txt"
 python3 bench/train_speed.py --images "$photos" --pipeline 2>&1 | tee "$results/train_speed.txt"
-python3 check_score.py --checkpoint checkpoints/final.pth --data data/test --out checkpoints/score-test \
-    2>&1 | tee "$results/score_test.txt"
+cp checkpoints/score/score.json "$results/score_val.json"
+cp checkpoints/score-test/score.json "$results/score_test.json"
 cp checkpoints/1e-4/metrics.csv "$results/metrics_1e-4.csv"
 cp checkpoints/1e-7/metrics.csv "$results/metrics_1e-7.csv"
 cp checkpoints/1e-4/curves.png "$results/curves_1e-4.png"

@@ -285,8 +285,7 @@ class Run:
         on_end() runs after the last epoch, before last.pth is marked finished: what it writes
         exists whenever a finished last.pth does.
         """
-        self.dir.mkdir(parents=True, exist_ok=True)
-        files.remove_stale_temps(self.dir)
+        self.dir.mkdir(parents=True, exist_ok=True)  # (stages.prepare_out has cleared old temporaries)
         if eval_first and not self.history:
             self.record(self.evaluate_row(0, 0.0, (math.nan, math.nan, 0.0)), on_epoch)
         for epoch in range(self.start_epoch, self.args.epochs + 1):

@@ -74,6 +74,11 @@ def run_pipeline(cfg, data, out, weights):
     return timings
 
 
+def top1_line(name, score_json, where):
+    s = json.loads(Path(score_json).read_text())
+    return f"{name} Top-1 accuracy: {100 * s['top1']:.2f}% ({s.get('correct', '?')}/{s['n']}) {where}"
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data")
@@ -95,14 +100,11 @@ def main():
     score = Path(args.out) / "score" / "score.json"
     if not score.exists() or any(code not in (0, 1) for _, _, code in timings):
         return 2
-    s = json.loads(score.read_text())
-    print(f"\nValidation Top-1 accuracy: {100 * s['top1']:.2f}% ({s.get('correct', '?')}/{s['n']}) "
-          f"on {args.data}/val with {args.out}/final.pth")
+    print()
+    print(top1_line("Validation", score, f"on {args.data}/val with {args.out}/final.pth"))
     test = Path(args.out) / "score-test" / "score.json"
     if test.exists():
-        t = json.loads(test.read_text())
-        print(f"Hold-out test Top-1 accuracy: {100 * t['top1']:.2f}% ({t.get('correct', '?')}/{t['n']}) "
-              f"on {args.data}/test (never seen in training or model selection)")
+        print(top1_line("Hold-out test", test, f"on {args.data}/test (never seen in training or model selection)"))
     print(f"checkpoints: {args.out}/divergence.pth, {args.out}/final.pth (1e-4/last.pth, 1e-7/last.pth to resume)")
     print(f"metrics and plots: {args.out}/1e-4/metrics.csv, {args.out}/1e-4/curves.png, "
           f"{args.out}/1e-4/divergence.json, {args.out}/1e-7/metrics.csv, {args.out}/1e-7/curves.png")
