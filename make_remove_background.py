@@ -14,70 +14,60 @@ No object found: when the share of pixels the mask calls object (mask > 127) is 
 or above --max-fg, the file is skipped (counted as degenerate, exit 1), or with --fallback copy
 the original photo is written instead (named on stderr, not a skip).
 """
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # find smalldata/ from any working folder
-
-from smalldata import background  # noqa: E402
-from smalldata.cli import add_device_arg, main_wrapper, parser  # noqa: E402
+from smalldata import background, cli, rembg_api
 
 
-def get_args(argv):
-    p = parser(__doc__.split("\n\n")[0])
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.list_models:
+        return background.list_models()
+    if not args.min_fg < args.max_fg:
+        p.error("need --min-fg < --max-fg (shares, e.g. 0.02 and 0.98)")
+    return background.run(args)
+
+
+def build_parser():
+    p = cli.parser(__doc__)
     p.add_argument("--src", type=Path, default=Path("data/train"),
                    help="training photos, <src>/<class>/<image>; sub-folders under a class are kept")
-    p.add_argument("--dst", type=Path, default=Path("data/br"),
+    p.add_argument("--dst", type=cli.output_dir, default=Path("data/br"),
                    help="output folder; gets <dst>/<class>/<relative path>/<stem>.png")
     p.add_argument("--model", default="u2net",
-                   help="any rembg model name; see --list-models for those available offline "
-                        f"(here: {background.OFFLINE_MODEL})")
+                   help=f"any rembg model name; see --list-models for those available offline (after set-up: "
+                        f"{rembg_api.OFFLINE_MODEL})")
     p.add_argument("--list-models", action="store_true",
                    help="print rembg's models and which are available offline now, then exit")
     p.add_argument("--bg-color", type=background.parse_color, default="white",
-                   help="background colour: white, black, gray or R,G,B")
-    p.add_argument("--keep-alpha", action="store_true",
-                   help="write RGBA (the mask as alpha, over the same plain-background colours)")
-    p.add_argument("--alpha-matting", action="store_true",
-                   help="refine edges with rembg's alpha matting (slow)")
+                   help="background colour: white, black, gray, R,G,B, or auto: per photo, the plain colour "
+                        "farthest from the object's own colours (listed in <dst>/bg_colors.csv)")
+    p.add_argument("--keep-alpha", action="store_true", help="write RGBA (the mask as alpha, same colours)")
+    p.add_argument("--alpha-matting", action="store_true", help="refine edges with rembg's alpha matting (slow)")
     p.add_argument("--post-process-mask", action="store_true",
                    help="rembg's mask clean-up (morphological opening + smoothing, binary mask)")
-    p.add_argument("--min-fg", type=float, default=0.02,
+    p.add_argument("--min-fg", type=cli.share, default=0.02,
                    help="below this share of object pixels (mask > 127) the object was not found")
-    p.add_argument("--max-fg", type=float, default=0.98,
+    p.add_argument("--max-fg", type=cli.share, default=0.98,
                    help="above this share of object pixels the object was not found")
     p.add_argument("--fallback", choices=["skip", "copy"], default="skip",
                    help="when no object is found: skip the file, or write the original photo")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
-    p.add_argument("--preview", type=Path, default=None,
-                   help="write a contact sheet PNG here: originals beside their BR images")
-    p.add_argument("--preview-count", type=int, default=12, help="how many images the preview shows")
-    add_device_arg(p)
-    p.add_argument("--providers", default=None,
-                   help="onnxruntime execution providers, comma list (overrides --device), "
-                        "e.g. CUDAExecutionProvider,CPUExecutionProvider")
-    p.add_argument("--threads", type=int, default=0,
-                   help="onnxruntime intra-op threads per inference; as many inferences run at once as "
-                        "cores allow (at most 4). 0 = auto: CPU cores/4, at least 1; all cores on a GPU")
-    p.add_argument("--workers", type=int, default=0,
-                   help="threads that decode, composite, encode and write around the model; "
-                        "0 = auto: inferences at once + 1")
+    p.add_argument("--preview", type=Path, help="write a contact sheet PNG here: originals beside their BR images")
+    p.add_argument("--preview-count", type=cli.positive_int, default=12, help="how many images the preview shows")
+    cli.add_device_arg(p)
+    p.add_argument("--providers", help="onnxruntime execution providers, comma list (overrides --device), "
+                                       "e.g. CUDAExecutionProvider,CPUExecutionProvider")
+    p.add_argument("--threads", type=cli.nonnegative_int, default=0,
+                   help="onnxruntime intra-op threads per inference; 0 = auto: CPU cores/4, at least 1; "
+                        "all cores on a GPU")
+    p.add_argument("--workers", type=cli.nonnegative_int, default=0,
+                   help="threads that decode, composite, encode and write around the model; 0 = auto")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG compression (lossless at any level; 1 is fast, 9 is smallest)")
-    args = p.parse_args(argv)
-    if not 0 <= args.min_fg < args.max_fg <= 1:
-        p.error("need 0 <= --min-fg < --max-fg <= 1 (shares, e.g. 0.02 and 0.98)")
-    if args.workers < 0 or args.threads < 0 or args.preview_count < 1:
-        p.error("--workers and --threads must be >= 0, --preview-count >= 1")
-    return args
-
-
-def main(argv):
-    args = get_args(argv)
-    if args.list_models:
-        return background.list_models()
-    return background.run(args)
+    return p
 
 
 if __name__ == "__main__":
-    main_wrapper(main)
+    cli.run(main)

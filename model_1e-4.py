@@ -1,53 +1,44 @@
-"""Stage 1 of the recipe: train VGG-13-BN at lr 1e-4 on originals + BR + OCM images, and keep
-the checkpoint where the train/validation gap starts to widen sharply (checkpoints/divergence.pth).
+"""Stage 1 of the recipe: train VGG-13-BN at lr 1e-4 on the original, background-removed (BR) and
+One-class CutMix (OCM) photos, and keep the epoch where the train/validation gap starts to widen
+beyond noise as checkpoints/divergence.pth.
 
     python model_1e-4.py --data data --out checkpoints
-    python model_1e-4.py --resume checkpoints/1e-4/last.pth     # continue an interrupted run
+    python model_1e-4.py --watch data/test      # also log a hold-out's accuracy (analysis only)
 
-Writes checkpoints/1e-4/{metrics.csv, curves.png, last.pth, best.pth, divergence.json, epochs/}
-and checkpoints/divergence.pth. Rerunning the same command continues or skips a finished run.
+Writes checkpoints/1e-4/{metrics.csv, curves.png, divergence.json, args.json, last.pth, best.pth,
+epochs/} and checkpoints/divergence.pth. Rerunning the same command continues an interrupted run,
+or does nothing when it is finished. The rule is explained in divergence.json and docs/scripts.md.
 """
-import sys
-from pathlib import Path
+from smalldata import cli, recipe, stages
+from smalldata.model import arch_name
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from smalldata import cli, stages  # noqa: E402
+RULE = recipe.Rule()
 
 
-def main(argv):
-    p = cli.parser(__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--data", default="data", help="folder with train/, val/ and optionally br/, ocm/")
-    p.add_argument("--out", default="checkpoints", help="where checkpoints, metrics and plots go")
-    p.add_argument("--arch", default="vgg13_bn", help="any torchvision classification model name")
+def main(argv=None):
+    return stages.stage1(build_parser().parse_args(argv))
+
+
+def build_parser():
+    p = cli.parser(__doc__)
+    stages.add_training_args(p, lr=1e-4, epochs=100)
+    p.add_argument("--arch", type=arch_name, default="vgg13_bn", help="any torchvision classification model name")
     p.add_argument("--weights", default="imagenet",
                    help="start from: imagenet (torchvision's ImageNet weights, new head), none (scratch), "
                         "or PATH to a checkpoint of ours")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (the original used none)")
-    p.add_argument("--epochs", type=int, default=100, help="most epochs to train")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--img-size", type=int, default=256, help="images are squeezed to this square size")
-    p.add_argument("--no-br", action="store_true", help="leave data/br out of the training set")
-    p.add_argument("--no-ocm", action="store_true", help="leave data/ocm out of the training set")
-    p.add_argument("--gap-jump", type=float, default=5.0,
-                   help="divergence rule: points the train-val gap must grow by over the window")
-    p.add_argument("--gap-window", type=int, default=3, help="divergence rule: window in epochs")
-    p.add_argument("--patience", type=int, default=0, help="epochs to keep training after the rule fires")
-    p.add_argument("--keep-all", action="store_true",
-                   help="keep every epoch's checkpoint in 1e-4/epochs/ (about 0.5 GB each for VGG-13)")
-    p.add_argument("--resume", help="continue from this last.pth exactly (epochs, optimizer, RNG, history)")
-    p.add_argument("--fresh", action="store_true", help="delete this stage's earlier run and start over")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic algorithms (slower on GPU); CPU runs are repeatable anyway")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first epoch)")
-    cli.add_device_arg(p)
-    args = p.parse_args(argv)
-    if args.gap_window < 1 or args.epochs < 1 or args.batch_size < 2:
-        raise cli.UsageError("--gap-window and --epochs must be at least 1, --batch-size at least 2")
-    return stages.stage1(args)
+    p.add_argument("--img-size", type=cli.positive_int, default=256, help="photos are squeezed to this square size")
+    p.add_argument("--gap-window", type=cli.positive_int, default=RULE.window,
+                   help="divergence rule: epochs over which the trend of the gap is judged")
+    p.add_argument("--patience", type=cli.positive_int, default=RULE.patience,
+                   help="divergence rule: epochs in a row the gap must widen before the stage stops")
+    p.add_argument("--min-epochs", type=cli.positive_int, default=RULE.min_epochs,
+                   help="divergence rule: no decision before this epoch")
+    p.add_argument("--noise-z", type=cli.positive_float, default=RULE.z,
+                   help="divergence rule: standard errors a change must exceed to count")
+    p.add_argument("--no-early-stop", action="store_true",
+                   help="train every epoch even after the rule fired (the kept epoch is the same)")
+    return p
 
 
 if __name__ == "__main__":
-    cli.main_wrapper(main)
+    cli.run(main)

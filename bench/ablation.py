@@ -37,7 +37,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from smalldata.images import list_files  # noqa: E402
-from smalldata.train import best_epoch  # noqa: E402
 
 CONFIGS = {  # name: (label, stage-1 flags, stage-1 run it belongs to, 1e-7 stage?)
     "a": ("originals", ["--no-br", "--no-ocm"], "a", False),
@@ -58,8 +57,7 @@ def get_args():
     gpu = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=HelpFormatter)
-    p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "datasets" / "oxford17flowers",
-                   help="real photos, <class>/<image>")
+    p.add_argument("--photos", type=Path, required=True, help="real photos, <class>/<image>")
     p.add_argument("--out", type=Path, default=Path("/tmp/smalldata-bench/ablation"),
                    help="results here, the split and the runs under <out>/work (outside the repository)")
     p.add_argument("--seeds", type=int, default=1, help="repeat everything with this many seeds")
@@ -71,6 +69,10 @@ def get_args():
     p.add_argument("--img-size", type=int, default=256 if gpu else 64, help="for OCM and stage 1")
     p.add_argument("--epochs", type=int, default=100 if gpu else 10,
                    help="stage-1 epochs, the same for every configuration (the divergence rule may stop earlier)")
+    p.add_argument("--budget", choices=["epochs", "steps"], default="epochs",
+                   help="epochs: every configuration trains --epochs epochs (the full mix then takes about 4x "
+                        "the optimiser steps of originals only); steps: every configuration gets the steps "
+                        "that originals only take in --epochs epochs, and its epochs follow")
     p.add_argument("--stage2-epochs", type=int, default=20 if gpu else 5, help="epochs of the 1e-7 stage (e)")
     p.add_argument("--batch-size", type=int, default=32 if gpu else 16)
     p.add_argument("--ocm-per-photo", type=float, default=2.5,
@@ -142,13 +144,22 @@ def read_json(path):
 
 
 def stage_summary(stage_dir, kept=None):
-    """Epochs trained, the kept epoch (default: best val, as stage 2 keeps it) and its val_acc, from metrics.csv."""
+    """Epochs trained, the kept epoch (default: the last, as stage 2 keeps it) and its val_acc, from metrics.csv."""
     rows = [{k: float(v) for k, v in r.items() if k in ("epoch", "val_acc", "gap")}
             for r in csv.DictReader(open(Path(stage_dir) / "metrics.csv"))]
-    kept = best_epoch(rows) if kept is None else kept
+    kept = rows[-1]["epoch"] if kept is None else kept
     return {"epochs_run": int(rows[-1]["epoch"]), "kept_epoch": int(kept),
             "val_acc_kept": next(r["val_acc"] for r in rows if r["epoch"] == kept),
             "val_acc_by_epoch": [r["val_acc"] for r in rows]}
+
+
+def epochs_for(flags, counts, prep, args):
+    """Stage-1 epochs of a configuration: --epochs, or with --budget steps the epochs that give it the
+    optimiser steps originals only take in --epochs epochs."""
+    if args.budget == "epochs":
+        return args.epochs
+    images = counts["train"] + prep["br_images"] * ("--no-br" not in flags) + prep["ocm_images"] * ("--no-ocm" not in flags)
+    return max(1, round(args.epochs * counts["train"] / images))
 
 
 def drop_checkpoints(folder):
@@ -179,13 +190,14 @@ def run_seed(seed, args):
         out = work / s1_name
         if s1_name not in stage1:  # e reuses d's stage 1
             print(f"[seed {seed}] {name}: {label}", flush=True)
-            _, s = run("model_1e-4.py", [*common, "--out", out, "--epochs", args.epochs, "--img-size", args.img_size,
+            _, s = run("model_1e-4.py", [*common, "--out", out, "--epochs", epochs_for(flags, counts, prep, args),
+                                         "--img-size", args.img_size,
                                          "--weights", args.weights, *flags], logs / f"{s1_name}_1e-4.log")
             if not args.keep_checkpoints:  # scoring needs only divergence.pth: free the GBs of epochs/, last.pth
                 drop_checkpoints(out / "1e-4")
             div = read_json(out / "1e-4" / "divergence.json")
             stage1[s1_name] = {"seconds": s, **stage_summary(out / "1e-4", div["chosen_epoch"]),
-                               "rule_fired": div["fired"] is not None}
+                               "rule_fired": bool(div["fired"])}
         else:
             print(f"[seed {seed}] {name}: {label} (stage 1 of {s1_name} reused)", flush=True)
         train_s, ckpt, stage2 = stage1[s1_name]["seconds"], out / "divergence.pth", None

@@ -31,13 +31,13 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from smalldata.images import list_files  # noqa: E402
-from smalldata.rembg_models import model_home  # noqa: E402
+from smalldata.rembg_api import find_model  # noqa: E402
 
 
 def get_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "datasets" / "oxford17flowers",
+    p.add_argument("--photos", type=Path, required=True,
                    help="a folder of <class>/<image> photos")
     p.add_argument("--limit", type=int, default=60, help="how many photos, spread over the classes")
     p.add_argument("--model", default="u2netp", help="rembg model for both commands")
@@ -83,8 +83,8 @@ def inference_ceiling(model, seconds=10.0):
     import numpy as np
     import onnxruntime as ort
 
-    path = Path(model_home()) / f"{model}.onnx"
-    if not path.exists():
+    path = find_model(model)
+    if path is None:
         return None
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = max(1, (os.cpu_count() or 2) // 2)
@@ -113,7 +113,7 @@ def main():
     if not args.photos.is_dir():
         sys.exit(f"--photos {args.photos}: folder not found")
     rembg = Path(sys.executable).parent / "rembg"
-    model_home()  # U2NET_HOME for both commands: they read the same model file
+    find_model(args.model)  # U2NET_HOME for both commands where needed: they read the same model file
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     rembg_env = dict(env)
     if args.rembg_deps:

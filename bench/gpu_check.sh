@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# The GPU measurements in one run (a few minutes on an H100/H200): training throughput of ours
+# The GPU measurements in one run (a few minutes on an H100/H200): the GPU-only paths
+# (bench/gpu_readiness.py: host syncs, checkpoint writer cost, layout conversions, recompiles, a CPU
+# last.pth resumed on CUDA, --deterministic twice, peak memory), the BR providers line, training throughput of ours
 # against the torchvision-tutorial baseline, then the whole pipeline on the demo data in the GPU
 # configuration (256 px, 500 OCM, up to 100 + 20 epochs, val and test scores), with each step's wall time.
 #
@@ -17,6 +19,9 @@ mkdir -p "$results"
 export PYTHONUNBUFFERED=1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())" | tee "$results/device.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv | tee -a "$results/device.txt"
+python3 bench/gpu_readiness.py --images "$photos" 2>&1 | tee "$results/gpu_readiness.txt"
+python3 make_remove_background.py --src "$photos" --dst "$results/br" --model u2netp --fallback copy 2>&1 \
+  | grep -E "providers|summary|warning" | tee "$results/br_providers.txt"
 python3 bench/train_speed.py --images "$photos" --pipeline 2>&1 | tee "$results/train_speed.txt"
 cp checkpoints/score/score.json "$results/score_val.json"
 cp checkpoints/score-test/score.json "$results/score_test.json"

@@ -23,10 +23,11 @@ from torchvision import transforms
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smalldata import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from smalldata.folders import scan_labelled  # noqa: E402
+from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
+from smalldata.cli import Problems  # noqa: E402
 from smalldata.data import load_images  # noqa: E402
-from smalldata.train import setup_runtime, train_epoch  # noqa: E402
+from smalldata.folders import scan_labelled  # noqa: E402
+from smalldata.train import make_loop, train_epoch  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
 BF16_PEAK = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0}
@@ -57,24 +58,17 @@ def sync(device):
 
 def bench_ours(args, device, amp, num_classes):
     samples, _ = scan_labelled(args.images)
-    x, y, _ = load_images(samples, args.img_size)
+    x, y = load_images(samples, args.img_size, Problems())
     reps = -(-args.steps * args.batch_size // len(y))  # tile the set so one epoch has enough steps
-    data = (x.repeat(reps, 1, 1, 1)[: args.steps * args.batch_size].to(device),
-            y.repeat(reps)[: args.steps * args.batch_size].to(device))
-    warm = (data[0][: args.warmup * args.batch_size], data[1][: args.warmup * args.batch_size])
-    model = torchvision.models.get_model(args.arch, num_classes=num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 else None
-    gen = torch.Generator().manual_seed(0)
-    step_model = torch.compile(model) if args.compile else model
-    run_args = argparse.Namespace(batch_size=args.batch_size)
-    train_epoch(step_model, opt, scaler, warm, run_args, device, amp, gen, IMAGENET_MEAN, IMAGENET_STD, "warm-up")
+    x = x.repeat(reps, 1, 1, 1)[: args.steps * args.batch_size].to(device)
+    y = y.repeat(reps)[: args.steps * args.batch_size].to(device)
+    model = torchvision.models.get_model(args.arch, num_classes=num_classes)
+    loop = make_loop(model, lr=1e-4, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                     batch_size=args.batch_size, seed=0, compile=args.compile)
+    warm = args.warmup * args.batch_size
+    train_epoch(loop, x[:warm], y[:warm], "warm-up")
     sync(device)
-    _, _, ips = train_epoch(step_model, opt, scaler, data, run_args, device, amp, gen, IMAGENET_MEAN,
-                            IMAGENET_STD, "ours")
-    return ips
+    return train_epoch(loop, x, y, "ours")[2]
 
 
 def bench_baseline(args, device, num_classes):
@@ -126,7 +120,7 @@ def main():
     p.add_argument("--pipeline", action="store_true", help="also time the five scripts on the demo data")
     args = p.parse_args()
 
-    device, amp = setup_runtime(argparse.Namespace(device=args.device, seed=0, deterministic=False))
+    device, amp = runtime.setup(args.device, seed=0)
     num_classes = len(scan_labelled(args.images)[1])
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"device {name}; {args.arch}, {args.img_size} px, batch {args.batch_size}, {num_classes} classes, "

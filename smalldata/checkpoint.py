@@ -1,16 +1,17 @@
-"""The checkpoint format (a plain dict that torch.load(..., weights_only=True) opens) and
-a background writer so that saving never stalls training.
-"""
+"""The checkpoint format: a plain dict that torch.load(..., weights_only=True) opens, and
+whose weights load into a plain torchvision model (docs/contract.md lists its keys)."""
 import pickle
-import threading
 import zipfile
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from . import files
-from .cli import CheckpointError  # noqa: F401 (re-exported: raised by load and build_from)
+from .cli import UsageError
+
+
+class CheckpointError(UsageError):
+    """A checkpoint that cannot or must not be used; the message says which file and why."""
 
 REQUIRED = ("model", "arch", "classes", "img_size", "mean", "std", "epoch", "metrics", "args")
 
@@ -132,70 +133,3 @@ def load_weights(model, state, path, what, strict=True):
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         raise CheckpointError(f"{path}: its weights do not fit {what} ({'; '.join(lines[:2])[:300]})") from None
-
-
-class BackgroundWriter:
-    """Runs file writes on one thread, in order, so the training loop never waits for the disk.
-
-    Jobs carry a key; a job still waiting is replaced by a newer one with the same key
-    (only the newest last.pth or curves.png matters). An error in a write is raised in the
-    training thread at the next submit() or flush().
-    """
-
-    def __init__(self):
-        self._jobs = OrderedDict()
-        self._busy_key = None
-        self._error = None
-        self._cv = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
-        self._thread.start()
-
-    def submit(self, key, fn):
-        with self._cv:
-            self._raise_error()
-            self._jobs.pop(key, None)
-            self._jobs[key] = fn
-            self._cv.notify()
-
-    def pending(self, key):
-        with self._cv:
-            return key in self._jobs or self._busy_key == key
-
-    def flush(self):
-        with self._cv:
-            while self._jobs or self._busy_key is not None:
-                self._cv.wait()
-            self._raise_error()
-
-    def close(self):
-        self.flush()
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        self._thread.join()
-
-    def _raise_error(self):
-        if self._error is not None:
-            err, self._error = self._error, None
-            raise err
-
-    def _run(self):
-        while True:
-            with self._cv:
-                while not self._jobs and not self._closed:
-                    self._cv.wait()
-                if self._closed and not self._jobs:
-                    return
-                key, fn = self._jobs.popitem(last=False)
-                self._busy_key = key
-            try:
-                fn()
-            except BaseException as e:  # handed to the training thread
-                with self._cv:
-                    self._error = e
-                    self._jobs.clear()
-            finally:
-                with self._cv:
-                    self._busy_key = None
-                    self._cv.notify_all()

@@ -7,24 +7,21 @@ on its own and a run is byte-for-byte reproducible. The arguments and a fingerpr
 the source files are kept in <dst>/ocm_args.json: a rerun that matches resumes, one that
 does not is refused, so one folder never mixes two runs.
 """
-import contextlib
+import argparse
 import hashlib
 import json
-import os
 import re
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from . import files, plots
+from . import cli, files, plots
 from .cli import Problems, UsageError, say
-from .folders import HELD_OUT, SPLITS, find_classes, refuse_held_out
-from .images import BadImage, list_files, open_rgb, resize_square
+from .folders import HELD_OUT, SPLITS, find_classes, list_files, refuse_held_out, refuse_overlap
+from .images import BadImage, decode_many, open_rgb, resize_square
 
 ARGS_FILE = "ocm_args.json"
 MANIFEST = "manifest.csv"
@@ -58,22 +55,23 @@ class Item:
 
 
 def info(msg):
-    say(msg, file=sys.stdout)  # looked up now: cli.say's default stream is bound at import
+    say(msg, file=sys.stdout)  # looked up at each call, so a redirected stdout (tests) is followed
 
 
 # ---------------------------------------------------------------- checks before any work
 
-def check_args(args):
-    if not 1 <= args.count <= MAX_COUNT:
-        raise UsageError(f"--count must be between 1 and {MAX_COUNT} (files are numbered ocm_NNNNN)")
-    if args.img_size < 8:
-        raise UsageError("--img-size must be at least 8")
-    if not args.alpha > 0:
-        raise UsageError("--alpha must be positive: lambda is drawn from Beta(alpha, alpha)")
-    if args.seed < 0:
-        raise UsageError("--seed must be 0 or more")
-    if args.preview_rows < 1:
-        raise UsageError("--preview-rows must be at least 1")
+def count_arg(text):
+    count = cli.positive_int(text)
+    if count > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"at most {MAX_COUNT} (files are numbered ocm_NNNNN), got {text}")
+    return count
+
+
+def img_size_arg(text):
+    size = cli.positive_int(text)
+    if size < 8:
+        raise argparse.ArgumentTypeError(f"must be at least 8, got {text}")
+    return size
 
 
 def check_sources(srcs):
@@ -112,10 +110,7 @@ def check_dst(dst, srcs, classes, preview):
         raise UsageError(f"--dst {dst} looks like a held-out split; synthetic training images must not go "
                          "there. Use data/ocm")
     for src in srcs:
-        src = Path(src).resolve()
-        if files.is_inside(dst, src) or files.is_inside(src, dst):
-            raise UsageError(f"--dst {dst} and --src {src} overlap; OCM images need a folder of their own "
-                             "(data/ocm)")
+        refuse_overlap(dst, src, "--dst", "--src", "OCM images need a folder of their own (data/ocm)")
     for cls in classes:  # a class folder that is a link out of --dst would write elsewhere
         if not files.is_inside(cls, dst):
             raise UsageError(f"{dst / cls} leads outside {dst} (a link?); refusing to write there")
@@ -129,17 +124,6 @@ def check_dst(dst, srcs, classes, preview):
 
 
 # ---------------------------------------------------------------- sources
-
-@contextlib.contextmanager
-def thread_map(fn, items):
-    """fn over items on a thread pool, results in order (decoding, zlib and fsync release the GIL).
-    On Ctrl-C the queued work is cancelled instead of finished first."""
-    ex = ThreadPoolExecutor(min(8, os.cpu_count() or 1))
-    try:
-        yield ex.map(fn, items)
-    finally:
-        ex.shutdown(cancel_futures=True)
-
 
 def load_pool(srcs, classes, img_size, problems):
     """Decode every source photo once, squeezed to img_size.
@@ -163,14 +147,12 @@ def load_pool(srcs, classes, img_size, problems):
 
     fingerprint = hashlib.sha256(f"classes {json.dumps(classes)}\n".encode())
     pool = {cls: [] for cls in classes}
-    with thread_map(work, jobs) as results:
-        for (i, cls, path), (digest, out) in tqdm(zip(jobs, results), total=len(jobs), desc="decode",
-                                                  unit="img", leave=False, disable=not jobs):
-            fingerprint.update(f"{i}\t{path.relative_to(srcs[i]).as_posix()}\t{digest}\n".encode())
-            if isinstance(out, BadImage):
-                problems.skip(out)
-                continue
-            pool[cls].append(Photo(path.as_posix(), path.stem, out))
+    for (i, cls, path), (digest, out) in decode_many(jobs, work):
+        fingerprint.update(f"{i}\t{path.relative_to(srcs[i]).as_posix()}\t{digest}\n".encode())
+        if isinstance(out, BadImage):
+            problems.skip(out)
+            continue
+        pool[cls].append(Photo(path.as_posix(), path.stem, out))
     return pool, fingerprint.hexdigest()
 
 
@@ -286,18 +268,17 @@ def write_preview(path, items, size):
             width = max(1, out.width // 80)
             ImageDraw.Draw(out).rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1],
                                           outline=(255, 0, 0), width=width)
-        rows.append([(show(it.a.pixels), "A: " + Path(it.a.name).name),
-                     (show(it.b.pixels), "B: " + Path(it.b.name).name),
-                     (out, f"{Path(it.file).stem} lam={it.lam:.2f}")])
-    plots.contact_sheet(rows, path, cell=PREVIEW_CELL)
+        rows.append([(show(it.a.pixels), ["A: " + Path(it.a.name).name]),
+                     (show(it.b.pixels), ["B: " + Path(it.b.name).name]),
+                     (out, [f"{Path(it.file).stem} lam={it.lam:.2f}"])])
+    plots.image_grid(rows, path, cell=PREVIEW_CELL)
 
 
 # ---------------------------------------------------------------- the whole step
 
 def run(args):
     """make_cutmix.py's work; returns the exit code (UsageError means nothing was done)."""
-    check_args(args)
-    srcs, dst = list(args.src), Path(args.dst)
+    srcs, dst = [str(s) for s in args.src], Path(args.dst)
     classes = check_sources(srcs)
     check_dst(dst, srcs, classes, args.preview)
 
@@ -320,9 +301,8 @@ def run(args):
     if len(todo) < len(items):
         info(f"{len(items) - len(todo)} of {len(items)} OCM images already in {dst} (same arguments and "
              "sources); skipped them")
-    with thread_map(lambda it: files.save_image(Image.fromarray(mix(it)), dst / it.file), todo) as done:
-        for _ in tqdm(done, total=len(todo), desc="ocm", unit="img", leave=False, disable=not todo):
-            pass
+    for _ in decode_many(todo, lambda it: files.save_image(Image.fromarray(mix(it)), dst / it.file), "ocm"):
+        pass  # (PNG encoding and fsync release the GIL: the same thread pool as decoding)
     files.write_csv(dst / MANIFEST, MANIFEST_HEADER,
                     [[it.file, it.cls, it.a.name, it.b.name, *it.box, f"{it.lam:.6f}"] for it in items])
     if args.preview:

@@ -62,6 +62,16 @@ def copy_file(src, dst):
         shutil.copyfile(src, tmp)
 
 
+def link_or_copy(src, dst):
+    """Give the file `src` a second name `dst` (a hard link: no second copy on disk), atomically;
+    where links are impossible (another file system, FAT), a copy."""
+    with atomic_path(dst) as tmp:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
 def save_image(img, path, **save_kwargs):
     """Save a PIL image atomically; the format comes from the final name's suffix."""
     path = Path(path)

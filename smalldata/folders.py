@@ -1,12 +1,42 @@
 """The folder conventions: data/<split>/<class>/<image>, class order as ImageFolder sorts it."""
+import os
 from pathlib import Path
 
+from . import files
 from .cli import UsageError
-from .images import list_files
 
 SPLITS = ("train", "val", "test", "br", "ocm")
-# The only folders that may feed BR and OCM; val and test must never leak into training.
+# Folders that must never feed BR and OCM: val and test must not leak into training.
 HELD_OUT = ("val", "test")
+# Files that operating systems drop into folders; ignored without a word.
+JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+
+
+def is_junk(path) -> bool:
+    name = Path(path).name
+    return name.startswith(".") or name.lower() in JUNK_NAMES
+
+
+def list_files(root):
+    """All non-junk files below `root`, sorted, following folder links but never in a loop.
+
+    Hidden files and folders are skipped (temporaries of the atomic writer among them). A link
+    that leads nowhere (broken, or a loop) is listed too, so that the caller names it as
+    unreadable instead of a photo going missing without a word; FIFOs and other non-files are not.
+    """
+    out, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink loop, or a folder linked twice
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            p = Path(dirpath, name)
+            if not is_junk(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
+                out.append(p)
+    return out
 
 
 def find_classes(root):
@@ -39,12 +69,10 @@ def scan_labelled(root, classes=None):
     return samples, list(classes)
 
 
-def empty_classes(samples, classes, present=None):
-    """Class names (of those present as folders) with no files at all."""
-    counts = {c: 0 for c in (present if present is not None else classes)}
-    for _, i in samples:
-        counts[classes[i]] = counts.get(classes[i], 0) + 1
-    return [c for c, n in counts.items() if n == 0]
+def empty_classes(samples, classes):
+    """Class names with no files at all."""
+    used = {i for _, i in samples}
+    return [c for i, c in enumerate(classes) if i not in used]
 
 
 def check_same_classes(train_classes, other_root, name):
@@ -66,3 +94,11 @@ def refuse_held_out(src):
     if hit:
         raise UsageError(f"{src} looks like a held-out split ({hit[0]}); building training images from "
                          "it would leak validation/test photos into training. Use data/train.")
+
+
+def refuse_overlap(out, src, out_flag, src_flag, hint, both_ways=True):
+    """Refuse an output folder inside an input folder (its files would be read as inputs), and with
+    `both_ways` an input inside the output too."""
+    out, src = Path(out).resolve(), Path(src).resolve()
+    if files.is_inside(out, src) or (both_ways and files.is_inside(src, out)):
+        raise UsageError(f"{out_flag} {out} and {src_flag} {src} overlap: {hint}")

@@ -1,17 +1,19 @@
-"""Reading photos of any common kind as 8-bit RGB, and listing them in class folders.
+"""Reading photos of any common kind as 8-bit RGB, and decoding many of them at once.
 
 Every decoder failure becomes a `BadImage` whose message names the file and the reason,
 so callers can skip it, say so, and go on.
 """
 import os
 import warnings
-from pathlib import Path
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from PIL import Image, ImageOps
+from tqdm import tqdm
 
-# Files that operating systems drop into folders; ignored without a word.
-JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
+from .cli import available_cpus
+
 # Pillow's own limit (about 89 megapixels) warns; we refuse at that size instead,
 # since a decompression bomb can exhaust memory long before the error threshold.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
@@ -19,11 +21,6 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 class BadImage(Exception):
     """A file that cannot be used as an image; str() names the file and the reason."""
-
-
-def is_junk(path) -> bool:
-    name = Path(path).name
-    return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
 def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
@@ -79,28 +76,38 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
     return img.convert("RGB")
 
 
-def list_files(root):
-    """All non-junk files below `root`, sorted, following folder links but never in a loop.
-
-    A link that leads nowhere (broken, or a loop) is listed too, so that the caller names it as
-    unreadable instead of a photo going missing without a word; FIFOs and other non-files are not.
-    """
-    root = Path(root)
-    out, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a symlink loop, or a folder linked twice
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            p = Path(dirpath, name)
-            if not is_junk(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
-                out.append(p)
-    return out
-
-
 def resize_square(img: Image.Image, size: int) -> Image.Image:
     """The pipeline's one resizing rule: the whole photo, squeezed to size x size."""
     return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
+def decode_many(items, work, desc="decode", ahead=64):
+    """Yield (item, work(item)) in the order of `items`, with `work` running on a thread pool.
+
+    At most `ahead` items are decoded in front of the consumer, so memory stays bounded while
+    decoding overlaps whatever the consumer does. A BadImage raised by `work` is yielded as the
+    result. When the consumer stops early (Ctrl-C, an error), the queued work is cancelled.
+    """
+    todo, queue = iter(items), deque()
+    pool = ThreadPoolExecutor(min(8, available_cpus()))  # PIL, zlib and file reads release the GIL
+
+    def submit():
+        item = next(todo, None)
+        if item is not None:
+            queue.append((item, pool.submit(work, item)))
+
+    try:
+        for _ in range(ahead):
+            submit()
+        with tqdm(total=len(items), desc=desc, unit="img", leave=False, disable=not items) as bar:
+            while queue:
+                item, future = queue.popleft()
+                submit()
+                try:
+                    result = future.result()
+                except BadImage as e:
+                    result = e
+                bar.update()
+                yield item, result
+    finally:
+        pool.shutdown(cancel_futures=True)

@@ -1,4 +1,6 @@
 """Model builder: any torchvision classification model with its head sized to the classes."""
+import argparse
+import difflib
 import os
 
 import torch
@@ -10,6 +12,15 @@ from .cli import UsageError
 
 def classification_archs():
     return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def arch_name(text):
+    """An argparse type: a torchvision classification model name, checked before any photo is decoded."""
+    if text not in classification_archs():
+        close = difflib.get_close_matches(text, classification_archs(), n=3)
+        raise argparse.ArgumentTypeError(f"unknown model {text!r}" + (f"; did you mean {', '.join(close)}?" if close
+                                         else "; see torchvision.models.list_models()"))
+    return text
 
 
 def imagenet_weights(arch):

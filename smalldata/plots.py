@@ -1,15 +1,49 @@
-"""Pictures a person looks at: training curves and contact sheets. Written atomically."""
+"""Every picture a person looks at: training curves, confusion matrices and captioned image grids.
+
+Written atomically, with matplotlib's object-oriented API (no pyplot): safe on the background
+writer thread, and no display needed.
+"""
+import functools
 import io
+import math
+import warnings
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
-from . import files
+from . import files, recipe
+from .images import BadImage, open_rgb
+
+
+@functools.cache
+def cjk_font_path():
+    """Noto Sans CJK (Hangul, kana, Han and Latin), from the noto-cjk-sans-jp-regular package; None without it."""
+    try:
+        from noto_cjk_sans_jp_regular import FONT_PATH
+    except ImportError:
+        return None
+    return str(FONT_PATH) if FONT_PATH.is_file() else None
+
+
+@functools.cache
+def _matplotlib_fonts():
+    """Latin from DejaVu Sans, everything else falls back to Noto Sans CJK (matplotlib >= 3.6 falls
+    back glyph by glyph). Without the CJK font, missing glyphs draw as boxes, without a warning per glyph."""
+    import matplotlib
+    from matplotlib import font_manager
+
+    families = ["DejaVu Sans"]
+    if cjk_font_path():
+        font_manager.fontManager.addfont(cjk_font_path())
+        families.append(font_manager.FontProperties(fname=cjk_font_path()).get_name())
+    else:
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+    matplotlib.rcParams["font.family"] = families
 
 
 def _figure(width=10, height=4):
-    # The object-oriented API without pyplot: safe on the background writer thread, no display needed.
     from matplotlib.figure import Figure
 
+    _matplotlib_fonts()
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
@@ -19,38 +53,147 @@ def save_figure(fig, path):
     files.write_bytes(path, buf.getvalue())
 
 
-def training_curves(rows, path, title, marked_epoch=None, marked_label=None):
-    """Loss and accuracy, train and val, per epoch; `marked_epoch` gets a vertical line."""
-    fig = _figure()
+def training_curves(rows, path, title, marks=None, window=5):
+    """Loss and accuracy per epoch: train, val with its noise band (one standard error), the gap and
+    its smoothed trend, watch_acc when recorded, and a vertical line at each marked epoch {epoch: label}."""
+    fig = _figure(12, 4.5)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
-    for ax, key, label in ((ax_loss, "loss", "loss"), (ax_acc, "acc", "accuracy (%)")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in rows], "o-", ms=3, label="train (eval mode, originals)")
-        ax.plot(epochs, [r[f"val_{key}"] for r in rows], "o-", ms=3, label="val")
-        if key == "acc":
-            ax.plot(epochs, [r["gap"] for r in rows], "--", color="gray", label="gap (train - val)")
-        if marked_epoch is not None:
-            ax.axvline(marked_epoch, color="red", lw=1, label=marked_label or f"epoch {marked_epoch}")
+    val, gap = [r["val_acc"] for r in rows], [r["gap"] for r in rows]
+    se = [recipe.se_points(r["val_acc"], r["val_n"]) if "val_n" in r else 0.0 for r in rows]
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train (originals)")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val")
+    ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", ms=3, label="train (originals)")
+    ax_acc.plot(epochs, val, "o-", ms=3, color="C1", label="val")
+    ax_acc.fill_between(epochs, [v - s for v, s in zip(val, se)], [v + s for v, s in zip(val, se)], color="C1",
+                        alpha=0.15, label="val +- 1 SE (photo-count noise)")
+    if any("watch_acc" in r and r["watch_acc"] != "" for r in rows):
+        ax_acc.plot(epochs, [r.get("watch_acc") for r in rows], ":", color="C2", label="watch (analysis only)")
+    ax_acc.plot(epochs, gap, "--", color="gray", lw=1, label="gap (train - val)")
+    ax_acc.plot(epochs, recipe.smoothed(gap, window // 2), "-", color="black", lw=1.5, label="gap, smoothed")
+    for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
+        for epoch, text in (marks or {}).items():
+            ax.axvline(epoch, color="red", lw=1)
+            ax.annotate(f"{text}: epoch {epoch}", (epoch, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=8, color="red")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    ax_acc.legend(fontsize=8)
+    ax_loss.legend(fontsize=8)
+    ax_acc.legend(fontsize=7)
     fig.suptitle(title)
     save_figure(fig, path)
 
 
-def contact_sheet(rows, path, cell=160, caption_height=16):
-    """A grid PNG: each row is a list of (PIL image, caption) cells, drawn left to right."""
-    ncols = max(len(r) for r in rows)
-    sheet = Image.new("RGB", (ncols * cell, len(rows) * (cell + caption_height)), "white")
+def confusion(matrix, classes, path, title):
+    """Row-normalised confusion matrix; stays readable at 100+ classes (smaller, thinned labels)."""
+    import matplotlib
+    import numpy as np
+
+    c = len(classes)
+    cm = matrix.double().numpy()
+    rows = cm.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = np.where(rows > 0, cm / rows, np.nan)  # a class absent from the data: a grey row
+    side = min(22.0, max(6.0, 3 + 0.19 * c))  # inches
+    fig = _figure(side + 2.5, side)
+    ax = fig.subplots()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.9")
+    # square-root colour scale: a few stray mistakes in a row stay visible next to the diagonal
+    im = ax.imshow(norm, cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1), interpolation="nearest")
+    cell_pt = side * 0.75 * 72 / c  # points per row, roughly
+    step = max(1, math.ceil(6 / cell_pt))  # thin the labels below 6 pt per row
+    fontsize = min(9.0, max(5.0, 0.8 * cell_pt * step))
+    ticks = list(range(0, c, step))
+    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=fontsize)
+    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=fontsize)
+    if c <= 20:  # few enough cells to print the percentages
+        for t in range(c):
+            for p in range(c):
+                if cm[t, p]:
+                    ax.text(p, t, f"{100 * norm[t, p]:.0f}", ha="center", va="center", fontsize=8,
+                            color="white" if norm[t, p] > 0.35 else "black")
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class (each row sums to 1)")
+    ax.set_title(title, fontsize=11 if c <= 20 else 14)
+    fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the row")
+    save_figure(fig, path)
+
+
+# ---------------------------------------------------------------- image grids
+
+@functools.cache
+def _font(size):
+    try:
+        if cjk_font_path():
+            return ImageFont.truetype(cjk_font_path(), size)
+        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def _fit(draw, text, font, width):
+    """`text`, cut short with an ellipsis so it fits in `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def image_grid(rows, path, cell=160, heading=None):
+    """A PNG grid of captioned images. `rows`: lists of (PIL image, caption lines) cells; a caption
+    line is a text, or a (text, colour) pair. Each image is scaled (up or down) to fit its cell."""
+    font, head_font, line = _font(13), _font(16), 17
+    lines = max(len(caption) for row in rows for _, caption in row)
+    height, head = cell + lines * line + 4, (34 if heading else 0)
+    width = max(max(len(r) for r in rows) * cell, 720 if heading else 0)
+    sheet = Image.new("RGB", (width, head + len(rows) * height), "white")
     draw = ImageDraw.Draw(sheet)
+    if heading:
+        draw.text((8, 8), _fit(draw, heading, head_font, width - 16), fill="black", font=head_font)
+    box = cell - 8
     for r, row in enumerate(rows):
-        y = r * (cell + caption_height)
+        y = head + r * height
         for c, (img, caption) in enumerate(row):
-            thumb = img.convert("RGB")
-            thumb.thumbnail((cell - 4, cell - 4))
-            x = c * cell
-            sheet.paste(thumb, (x + (cell - thumb.width) // 2, y + (cell - thumb.height) // 2))
-            draw.text((x + 3, y + cell), str(caption)[: cell // 6], fill="black")
+            x, img = c * cell, img.convert("RGB")
+            fit = min(box / img.width, box / img.height)
+            img = img.resize((max(1, round(img.width * fit)), max(1, round(img.height * fit))),
+                             Image.Resampling.BICUBIC)
+            ix, iy = x + (cell - img.width) // 2, y + (cell - img.height) // 2
+            sheet.paste(img, (ix, iy))
+            draw.rectangle((ix - 1, iy - 1, ix + img.width, iy + img.height), outline="gray")  # shows white photos
+            for k, text in enumerate(caption):
+                text, colour = (text, "black") if isinstance(text, str) else text
+                draw.text((x + 4, y + cell + k * line), _fit(draw, text, font, cell - 8), fill=colour, font=font)
     files.save_image(sheet, path)
     return sheet
+
+
+def message_sheet(text, path):
+    """A small PNG that only says `text` (so an old picture never outlives its run)."""
+    sheet = Image.new("RGB", (640, 80), "white")
+    ImageDraw.Draw(sheet).text((12, 28), text, fill="black", font=_font(16))
+    files.save_image(sheet, path)
+    return sheet
+
+
+def mistakes_sheet(mistakes, path, total, n, cols=8):
+    """A grid of wrongly classified photos, each captioned with its true and predicted class.
+
+    `mistakes`: (path, true name, predicted name, confidence) rows, drawn in the order given.
+    With no mistakes the sheet says so, so an old sheet never outlives its run.
+    """
+    if not mistakes:
+        return message_sheet(f"No mistakes: all {n} images were classified correctly.", path)
+    cells = []
+    for file, true, pred, conf in mistakes:
+        try:
+            img = open_rgb(file)
+        except BadImage:  # changed since it was scored
+            img = Image.new("RGB", (64, 64), "lightgray")
+        cells.append((img, [f"true: {true}", (f"pred: {pred} {100 * conf:.0f}%", (200, 0, 0))]))
+    shown = "all shown" if len(mistakes) == total else f"the {len(mistakes)} most confident shown"
+    return image_grid([cells[i:i + cols] for i in range(0, len(cells), cols)], path, cell=180,
+                            heading=f"{total} of {n} images wrong ({shown}). Black: true class; "
+                                    "red: predicted class, confidence")

@@ -4,23 +4,17 @@ Everything about the model comes from the checkpoint (arch, classes, image size,
 so photos are prepared exactly as in training evaluation: open_rgb -> resize_square -> normalize.
 check_score.py is the command-line entry point; run() does the work.
 """
-import contextlib
-import math
-import os
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
+from PIL import Image
 
-from . import checkpoint, files, plots
-from .cli import Problems, UsageError, resolve_device, say
-from .data import decode_one, normalize
-from .folders import find_classes, scan_labelled
-from .images import BadImage, is_junk, open_rgb
+from . import checkpoint, files, plots, runtime
+from .cli import Problems, UsageError, say
+from .data import Normalize, decode_one
+from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
+from .images import BadImage, decode_many
 
 TOPK = 5
 OUTPUTS = ("score.json", "predictions.csv", "per_class.csv", "confusion.png", "mistakes.png")
@@ -59,48 +53,22 @@ def scan(root, classes):
 
 # ----------------------------------------------------------------------------- prediction
 
-def _decode(path, img_size):
-    try:
-        return decode_one(path, img_size)
-    except BadImage as e:
-        return e
-
-
-def decoded_batches(samples, img_size, batch_size, problems, workers=None, pbar=None):
-    """Yield (uint8 N,3,S,S, labels, paths) batches in file order.
-
-    Files are decoded on a thread pool up to two batches ahead of the consumer, so decoding
-    the next batch overlaps the model running on this one, with bounded memory.
-    Unreadable files are reported to `problems` and left out.
-    """
-    workers = workers or os.cpu_count() or 1  # decoding, not the model, is what limits the speed
-    todo = iter(samples)
+def decoded_batches(samples, img_size, batch_size, problems):
+    """Yield (uint8 N,3,S,S, labels, paths) batches in file order; decoding runs ahead on a thread
+    pool (images.decode_many), so it overlaps the model working on this batch. Unreadable files
+    are reported to `problems` and left out."""
     images, labels, paths = [], [], []
-    with ThreadPoolExecutor(workers) as pool:  # PIL releases the GIL while decoding
-        queue = deque()
-
-        def submit():
-            sample = next(todo, None)
-            if sample is not None:
-                queue.append((sample, pool.submit(_decode, sample[0], img_size)))
-
-        for _ in range(2 * batch_size):
-            submit()
-        while queue:
-            (path, label), future = queue.popleft()
-            submit()
-            out = future.result()
-            if pbar is not None:
-                pbar.update(1)
-            if isinstance(out, BadImage):
-                problems.skip(out)
-            else:
-                images.append(out)
-                labels.append(label)
-                paths.append(path)
-            if len(images) == batch_size or (not queue and images):
-                yield torch.stack(images), torch.tensor(labels, dtype=torch.long), paths
-                images, labels, paths = [], [], []
+    decoded = decode_many(samples, lambda s: decode_one(s[0], img_size), "score", ahead=2 * batch_size)
+    for k, ((path, label), out) in enumerate(decoded):
+        if isinstance(out, BadImage):
+            problems.skip(out)
+        else:
+            images.append(out)
+            labels.append(label)
+            paths.append(path)
+        if images and (len(images) == batch_size or k == len(samples) - 1):
+            yield torch.stack(images), torch.tensor(labels, dtype=torch.long), paths
+            images, labels, paths = [], [], []
 
 
 def class_probs(model, x, tta=False):
@@ -113,27 +81,21 @@ def class_probs(model, x, tta=False):
     return probs
 
 
-def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None,
-            workers=None):
+def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None):
     """Run `model` over `samples`. Returns a dict of labels, paths, top-k class indices and
     probabilities (CPU tensors, k = min(5, classes)), and the seconds it took."""
     problems = problems if problems is not None else Problems()
-    cuda = device.type == "cuda"
-    if cuda:  # (no cudnn.benchmark: its tuning costs more than it saves in one pass over a small set)
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        autocast = torch.autocast("cuda", dtype=amp_dtype)
-    else:
-        autocast = contextlib.nullcontext()  # AMP is for the GPU; on the CPU float32 is the reference
+    norm = Normalize(mean, std, device)
+    # (no cudnn.benchmark: its tuning costs more than it saves in one pass over a small set)
+    autocast = runtime.autocast(device, runtime.amp_dtype(device))
     model.eval()
     top_p, top_i, labels, paths = [], [], [], []
     start = time.perf_counter()
-    with tqdm(total=len(samples), desc="score", unit="img", leave=False) as pbar, \
-            torch.inference_mode(), autocast:
-        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems, workers, pbar):
-            if cuda:
+    with torch.inference_mode(), autocast:
+        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems):
+            if device.type == "cuda":
                 batch = batch.pin_memory()
-            x = normalize(batch.to(device, non_blocking=True), mean, std)
-            probs = class_probs(model, x, tta)
+            probs = class_probs(model, norm(batch.to(device, non_blocking=True)), tta)
             values, indices = probs.topk(min(TOPK, probs.shape[1]), dim=1)
             top_p.append(values)  # left on the device: no sync per batch
             top_i.append(indices)
@@ -172,104 +134,6 @@ def metrics(labels, top_i, num_classes):
         "confused_pairs": pairs,  # (true, predicted, count), most frequent first
         "confusion": confusion,
     }
-
-
-# ----------------------------------------------------------------------------- pictures
-
-def plot_confusion(confusion, classes, path, title):
-    """Row-normalised confusion matrix; stays readable at 100+ classes (smaller, thinned labels)."""
-    import matplotlib
-    import numpy as np
-
-    c = len(classes)
-    cm = confusion.double().numpy()
-    rows = cm.sum(1, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        norm = np.where(rows > 0, cm / rows, np.nan)  # a class absent from the data: a grey row
-    side = min(22.0, max(6.0, 3 + 0.19 * c))  # inches
-    fig = plots._figure(side + 2.5, side)
-    ax = fig.subplots()
-    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="0.9")
-    # square-root colour scale: a few stray mistakes in a row stay visible next to the diagonal
-    im = ax.imshow(norm, cmap=cmap, norm=matplotlib.colors.PowerNorm(0.5, vmin=0, vmax=1),
-                   interpolation="nearest")
-    cell_pt = side * 0.75 * 72 / c  # points per row, roughly
-    step = max(1, math.ceil(6 / cell_pt))  # thin the labels below 6 pt per row
-    fontsize = min(9.0, max(5.0, 0.8 * cell_pt * step))
-    ticks = list(range(0, c, step))
-    ax.set_xticks(ticks, [classes[i] for i in ticks], rotation=90, fontsize=fontsize)
-    ax.set_yticks(ticks, [classes[i] for i in ticks], fontsize=fontsize)
-    if c <= 20:  # few enough cells to print the percentages
-        for t in range(c):
-            for p in range(c):
-                if cm[t, p]:
-                    ax.text(p, t, f"{100 * norm[t, p]:.0f}", ha="center", va="center", fontsize=8,
-                            color="white" if norm[t, p] > 0.35 else "black")
-    ax.set_xlabel("predicted class")
-    ax.set_ylabel("true class (each row sums to 1)")
-    ax.set_title(title, fontsize=11 if c <= 20 else 14)
-    fig.colorbar(im, ax=ax, shrink=0.6, label="fraction of the row")
-    plots.save_figure(fig, path)
-
-
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)  # scalable font, Pillow >= 10.1
-    except (TypeError, OSError, ImportError):
-        return ImageFont.load_default()
-
-
-def _fit(draw, text, font, width):
-    """`text`, cut short with an ellipsis so it fits in `width` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "…", font=font) > width:
-        text = text[:-1]
-    return text + "…"
-
-
-def mistakes_sheet(mistakes, path, total, n, cell=180, cols=8):
-    """A grid of wrongly classified photos, each captioned with its true and predicted class.
-
-    `mistakes`: (path, true name, predicted name, confidence) rows, drawn in the order given.
-    With no mistakes the sheet says so, so an old sheet never outlives its run.
-    """
-    font, head_font = _font(13), _font(16)
-    line, head = 17, 34
-    if not mistakes:
-        sheet = Image.new("RGB", (640, 80), "white")
-        ImageDraw.Draw(sheet).text((12, 28), f"No mistakes: all {n} images were classified correctly.",
-                                   fill="black", font=head_font)
-        files.save_image(sheet, path)
-        return sheet
-    cols = min(cols, len(mistakes))
-    rows = math.ceil(len(mistakes) / cols)
-    height = cell + 2 * line + 6
-    width = max(cols * cell, 720)  # room for the heading even with one mistake
-    sheet = Image.new("RGB", (width, head + rows * height), "white")
-    draw = ImageDraw.Draw(sheet)
-    shown = "all shown" if len(mistakes) == total else f"the {len(mistakes)} most confident shown"
-    draw.text((8, 8), _fit(draw, f"{total} of {n} images wrong ({shown}). Black: true class; "
-                                 "red: predicted class, confidence", head_font, width - 16),
-              fill="black", font=head_font)
-    box = cell - 8
-    for k, (file, true, pred, conf) in enumerate(mistakes):
-        x, y = (k % cols) * cell, head + (k // cols) * height
-        try:
-            img = open_rgb(file)
-            fit = min(box / img.width, box / img.height)  # up or down: tiny photos stay visible
-            img = img.resize((max(1, round(img.width * fit)), max(1, round(img.height * fit))),
-                             Image.Resampling.BICUBIC)
-        except BadImage:  # changed since it was scored
-            img = Image.new("RGB", (box, box), "lightgray")
-        ix, iy = x + (cell - img.width) // 2, y + (cell - img.height) // 2
-        sheet.paste(img, (ix, iy))
-        draw.rectangle((ix - 1, iy - 1, ix + img.width, iy + img.height), outline="gray")  # shows white photos
-        draw.text((x + 4, y + cell), _fit(draw, f"true: {true}", font, cell - 8), fill="black", font=font)
-        draw.text((x + 4, y + cell + line), _fit(draw, f"pred: {pred} {100 * conf:.0f}%", font, cell - 8),
-                  fill=(200, 0, 0), font=font)
-    files.save_image(sheet, path)
-    return sheet
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -328,10 +192,10 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
 
     title = (f"{Path(args.checkpoint).name} on {data}: top-1 {100 * top1:.2f}% of {n}"
              f"{', flip TTA' if args.tta else ''}")
-    plot_confusion(m["confusion"], classes, out / "confusion.png", title)
+    plots.confusion(m["confusion"], classes, out / "confusion.png", title)
     wrong = [k for k in range(n) if top_i[k][0] != labels[k]]
     wrong.sort(key=lambda k: -top_p[k][0])  # confident mistakes are the most telling
-    mistakes_sheet([(res["paths"][k], classes[labels[k]], classes[top_i[k][0]], top_p[k][0])
+    plots.mistakes_sheet([(res["paths"][k], classes[labels[k]], classes[top_i[k][0]], top_p[k][0])
                     for k in wrong[:max_mistakes]], out / "mistakes.png", total=len(wrong), n=n)
     say(f"wrote {out}/: {', '.join(OUTPUTS)}" + ("" if wrong else " (mistakes.png says there were none)"))
 
@@ -350,20 +214,26 @@ def report_unlabelled(res, classes, data, out):
         + (f"; removed {', '.join(stale)} of an earlier run" if stale else ""))
 
 
+def selection_note(ckpt, data):
+    """One line when `data` is the validation folder that chose the checkpoint's epochs: its score flatters."""
+    train_data = ckpt["args"].get("data")
+    if not train_data or Path(train_data, "val").resolve() != Path(data).resolve():
+        return None
+    test = Path(data).parent / "test"
+    honest = f"; {test} was not used for any choice: its score is the honest figure" if test.is_dir() else ""
+    return (f"note: {data} chose this checkpoint's epochs (stage 1's stop and kept epoch), so its score is "
+            f"optimistic{honest}")
+
+
 def run(args):
     """check_score.py's work; returns the exit code (0, or 1 when files were skipped)."""
     data, out = Path(args.data), Path(args.out)
-    if args.batch_size < 1 or args.mistakes < 1:
-        raise UsageError("--batch-size and --mistakes must be at least 1")
-    if not data.is_dir():
-        raise UsageError(f"--data folder not found: {data}")
-    if out.resolve() == data.resolve() or data.resolve() in out.resolve().parents:
-        raise UsageError(f"--out {out} is inside --data {data}: its pictures would be read as data; "
-                         "choose a folder outside it")
+    refuse_overlap(out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
+                   both_ways=False)
     ckpt = checkpoint.load(args.checkpoint)
     classes, img_size = list(ckpt["classes"]), int(ckpt["img_size"])
     samples, labelled = scan(data, classes)
-    device = resolve_device(args.device)
+    device = runtime.resolve_device(args.device)
     model = checkpoint.build_from(ckpt, args.checkpoint).to(device, memory_format=torch.channels_last)
     missing = []
     if labelled:
@@ -382,6 +252,9 @@ def run(args):
     files.remove_stale_temps(out)  # half-written files of a killed earlier run
     if labelled:
         report_labelled(res, classes, data, out, args, problems, missing, args.mistakes)
+        note = selection_note(ckpt, data)
+        if note:
+            say(note)
     else:
         report_unlabelled(res, classes, data, out)
     problems.summary("image file")

@@ -1,26 +1,76 @@
-"""The two training stages of the recipe, on top of train.Run.
+"""The two training stages of the recipe: their shared flags, start, resume, per-epoch bookkeeping and end.
 
-Stage 1 (lr 1e-4) keeps the epoch where the train/val gap starts to widen sharply;
-stage 2 (lr 1e-7) starts there and keeps its best epoch as final.pth.
+Stage 1 (lr 1e-4) keeps the epoch where the train/val gap starts to widen (recipe.choose);
+stage 2 (lr 1e-7) starts there and keeps its last epoch (or, with --keep best, its steady best) as final.pth.
 """
 import shutil
+import sys
 from pathlib import Path
 
-from . import checkpoint, files
+from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, plots, recipe, runtime
 from .cli import UsageError, say
-from .model import build_model, imagenet_available
-from .train import RUN_DEFINING, Run, best_epoch, find_divergence, load_data
+from .data import load_training_data
+from .folders import refuse_overlap
+from .keeper import Keeper
+from .model import build_model, count_parameters, imagenet_available
+from .train import METRIC_COLUMNS, fit, make_loop, restore_training_state, training_state
 
-STAGE_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "divergence.json")
+# Arguments that define a run: a rerun with other values must not silently continue the old one.
+RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
+                "no_ocm", "weight_decay", "gap_window", "patience", "min_epochs", "noise_z", "deterministic",
+                "no_precise_bn", "keep")
+STAGE_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "divergence.json", "args.json")
+
+
+def add_training_args(p, lr, epochs):
+    """The flags both training scripts share."""
+    p.add_argument("--data", type=cli.existing_dir, default="data",
+                   help="folder with train/ and val/, and optionally br/ and ocm/")
+    p.add_argument("--out", type=cli.output_dir, default="checkpoints", help="where checkpoints, metrics and plots go")
+    p.add_argument("--lr", type=cli.positive_float, default=lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0, help="Adam weight decay (our default)")
+    p.add_argument("--epochs", type=cli.positive_int, default=epochs, help="most epochs to train")
+    p.add_argument("--batch-size", type=cli.positive_int, default=32,
+                   help="images per step; a last, smaller batch of an epoch is left out")
+    p.add_argument("--no-br", action="store_true", help="leave data/br out of the training set")
+    p.add_argument("--no-ocm", action="store_true", help="leave data/ocm out of the training set")
+    p.add_argument("--watch", type=cli.existing_dir,
+                   help="labelled folder (usually data/test) scored every epoch as watch_acc in metrics.csv, "
+                        "for analysis only: no decision reads it")
+    p.add_argument("--no-precise-bn", action="store_true",
+                   help="measure with BatchNorm's running averages instead of statistics recomputed on the "
+                        "training originals before each evaluation (for comparison only)")
+    p.add_argument("--keep-all", action="store_true",
+                   help="write every epoch's weights to <stage>/epochs/ (about 0.5 GB each for VGG-13)")
+    p.add_argument("--resume", type=cli.existing_file,
+                   help="continue from this last.pth exactly (epochs, optimizer, RNG, history)")
+    p.add_argument("--fresh", action="store_true", help="delete this stage's earlier run and start over")
+    p.add_argument("--seed", type=cli.nonnegative_int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms: CPU runs repeat bit for bit anyway; on a GPU cuBLAS and "
+                        "cuDNN repeat too, but a few kernels (adaptive pooling's backward) have no "
+                        "deterministic version and only warn, so GPU runs may still differ slightly")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first epoch)")
+    cli.add_device_arg(p)
+
+
+# ---------------------------------------------------------------- start and resume
+
+def prepare_out(args, stage_name):
+    """The stage folder, after refusing an --out inside --data and clearing a killed run's temporaries."""
+    out = Path(args.out)
+    refuse_overlap(out, args.data, "--out", "--data", "the next run would read the checkpoints folder as a "
+                   "class; choose an --out outside the data", both_ways=False)
+    files.remove_stale_temps(out)
+    return out, out / stage_name
 
 
 def previous_run(args, stage_dir):
-    """The last.pth to continue from (None for a fresh start), or "done" when the run is complete.
+    """The last.pth to continue from, or None for a fresh start.
 
-    --resume PATH continues that file. Without it, a last.pth already in the stage folder is
-    continued when it was made with the same run-defining arguments (so rerunning the same
-    command after a crash picks up where it stopped), reported as done when it is finished,
-    and refused when the arguments differ, unless --fresh starts over.
+    --resume PATH continues that file. Without it, a last.pth in the stage folder is continued when it
+    was made with the same run-defining arguments (rerunning the same command after a crash picks up
+    where it stopped), and refused when they differ, unless --fresh starts over.
     """
     last = Path(stage_dir) / "last.pth"
     if args.fresh:
@@ -36,20 +86,35 @@ def previous_run(args, stage_dir):
         raise UsageError(f"{path} has no optimizer state: --resume takes a last.pth; "
                          "to start from a chosen epoch use --weights PATH (stage 1) or --init PATH (stage 2)")
     old = ckpt["args"]
-    if not args.resume:
-        differ = [k for k in RUN_DEFINING if k in old and str(old[k]) != str(vars(args).get(k))]
-        if differ:
-            raise UsageError(f"{stage_dir} holds a run made with other arguments ("
-                             + ", ".join(f"{k}: {old[k]} -> {vars(args).get(k)}" for k in differ)
-                             + "); pass --resume to continue it, or --fresh to start over (deletes its files)")
-        if ckpt.get("finished") and (ckpt.get("stage", {}).get("stopped_early") or ckpt["epoch"] >= args.epochs):
-            say(f"{stage_dir}: already finished (epoch {ckpt['epoch']}); nothing to do. "
-                "Use --fresh to train again.")
-            return "done"
+    differ = [k for k in RUN_DEFINING if k in old and str(old[k]) != str(vars(args).get(k))]
+    if differ and not args.resume:
+        raise UsageError(f"{stage_dir} holds a run made with other arguments ("
+                         + ", ".join(f"{k}: {old[k]} -> {vars(args).get(k)}" for k in differ)
+                         + "); pass --resume to continue it, or --fresh to start over (deletes its files)")
     for k in RUN_DEFINING:  # a resumed run keeps the arguments that made it
         if k in old:
             setattr(args, k, old[k])
     return ckpt
+
+
+def finished(ckpt, args, stage_dir):
+    done = ckpt is not None and ckpt.get("finished") and not args.resume and (
+        ckpt["stage"].get("stopped_early") or ckpt["epoch"] >= args.epochs)
+    if done:
+        say(f"{stage_dir}: already finished (epoch {ckpt['epoch']}); nothing to do. Use --fresh to train again.")
+    return done
+
+
+def restore_named(target, stage_dir, epoch):
+    """A finished stage whose named checkpoint is gone (deleted, or lost to a kill): link it again."""
+    if Path(target).exists():
+        return
+    source = Path(stage_dir) / "epochs" / f"epoch_{epoch:03d}.pth"
+    if not source.exists():
+        raise UsageError(f"{target} is missing and the weights of its epoch ({epoch}) are no longer kept; "
+                         "rerun with --fresh")
+    files.link_or_copy(source, target)
+    say(f"{target} was missing; written again from {source} (epoch {epoch})")
 
 
 def initial_model(args, classes):
@@ -73,144 +138,196 @@ def initial_model(args, classes):
     return model, f"weights of {args.weights} (epoch {ckpt['epoch']})"
 
 
-def prepare_out(args, stage_name):
-    """The stage folder, after refusing an --out inside --data and clearing a killed run's temporaries."""
-    out = Path(args.out)
-    if files.is_inside(out.resolve(), Path(args.data).resolve()):
-        raise UsageError(f"--out {out} is inside --data {args.data}: the next run would read the checkpoints "
-                         "folder as a class; choose an --out outside the data")
-    files.remove_stale_temps(out)
-    return out, out / stage_name
+# ---------------------------------------------------------------- one stage's run
+
+class StageRun:
+    """The glue of one stage: the loop (train.py), its files (keeper.py) and its history."""
+
+    def __init__(self, args, stage_dir, title, model, data, meta, prev, runtime_, problems):
+        self.args, self.dir, self.title, self.data, self.problems = args, Path(stage_dir), title, data, problems
+        device, amp = runtime_
+        self.loop = make_loop(model, lr=args.lr, weight_decay=args.weight_decay, device=device, amp=amp,
+                              mean=meta["mean"], std=meta["std"], batch_size=args.batch_size, seed=args.seed,
+                              compile=args.compile, precise_bn=not args.no_precise_bn)
+        self.keeper = Keeper(stage_dir, {**meta, "args": args}, args.keep_all)
+        self.history, self.state, self.first_epoch = [], {}, 1
+        self.dir.mkdir(parents=True, exist_ok=True)
+        files.write_json(self.dir / "args.json", checkpoint.json_args(args))
+        if prev:
+            restore_training_state(self.loop, prev)
+            self.keeper.restore(prev)
+            self.history, self.state = list(prev["history"]), dict(prev["stage"])
+            self.first_epoch = prev["epoch"] + 1
+            say(f"resuming after epoch {prev['epoch']} ({len(self.history)} epochs of history)")
+
+    def banner(self, weights_note, meta):
+        a, classes = self.args, meta["classes"]
+        say(f"== {self.title}")
+        say(f"{runtime.describe(self.loop.device, self.loop.amp)}, compile {'on' if a.compile else 'off'}")
+        say(f"classes ({len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
+        say("images: " + ", ".join(f"{k} {v}" for k, v in self.data["counts"].items()) + f" at {meta['img_size']} px")
+        say(f"model {meta['arch']} {count_parameters(self.loop.model):,} parameters; {weights_note}; Adam lr "
+            f"{a.lr:g}, weight decay {a.weight_decay:g}, batch {a.batch_size}, epochs {self.first_epoch}..{a.epochs}")
+        say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if a.no_precise_bn else
+                                        "recomputed on the training originals before each evaluation"))
+        if a.watch:
+            say(f"watch: {a.watch} is scored every epoch (watch_acc in metrics.csv) for analysis only; "
+                "no decision reads it")
+        say(f"outputs in {self.dir} (resolved arguments: {self.dir / 'args.json'})")
+
+    def keep(self, row, needed):
+        """After an epoch: host weights of the epochs still needed, metrics.csv, curves.png, last.pth."""
+        self.keeper.snapshot(self.loop.model, row, needed)
+        self.write_progress()
+        if row["epoch"] > 0:  # (stage 2's epoch 0 is its --init checkpoint, measured again on a rerun)
+            self.keeper.save_last(row["epoch"], training_state(self.loop, self.history, self.state))
+
+    def write_progress(self):
+        rows, writer = list(self.history), self.keeper.writer
+        writer.submit("metrics", files.write_csv, self.dir / "metrics.csv", METRIC_COLUMNS,
+                      [[r.get(c, "") for c in METRIC_COLUMNS] for r in rows])
+        writer.submit("curves", plots.training_curves, rows, self.dir / "curves.png", self.title,
+                      dict(self.state.get("marks", {})), getattr(self.args, "gap_window", recipe.Rule.window))
+
+    def fit(self, on_epoch, eval_first=False):
+        fit(self.loop, self.data, self.first_epoch, self.args.epochs, on_epoch, eval_first)
+
+    def finish(self, named):
+        """last.pth (finished) with the epoch files of the named checkpoints {path: epoch}, then those."""
+        self.keeper.writer.flush()  # the last periodic last.pth lands whole before the final one replaces it
+        self.keeper.kept = {e: v for e, v in self.keeper.kept.items() if e in named.values()}
+        last = self.history[-1]["epoch"]
+        self.keeper.save_last(last, training_state(self.loop, self.history, self.state), finished=True)
+        for path, epoch in named.items():
+            self.keeper.name(path, epoch)
+        self.write_progress()
+        self.keeper.close()
+        say(f"metrics: {self.dir / 'metrics.csv'}   curves: {self.dir / 'curves.png'}")
+        self.problems.summary()
+        return self.problems.exit_code()
 
 
-def stage1(args):
-    """Train at lr 1e-4 and keep the divergence checkpoint; returns the exit code."""
-    out, stage_dir = prepare_out(args, "1e-4")
-    prev = previous_run(args, stage_dir)
-    if prev == "done":
-        restore_divergence_pth(out, stage_dir)
-        return 0
-    run = Run(args, stage_dir, f"stage 1: {args.arch} lr {args.lr:g}", keep_recent=args.gap_window + 1)
-    img_size = prev["img_size"] if prev else args.img_size
-    data = load_data(args, img_size, run.problems, prev["classes"] if prev else None)
-    if prev:
-        model, note = checkpoint.build_from(prev, args.resume or stage_dir / "last.pth"), "resumed"
+def open_stage(args, stage_dir, title, prev, init=None):
+    """Decode the data and build the StageRun; `init` is the checkpoint stage 2 starts from."""
+    problems = cli.Problems()
+    device_amp = runtime.setup(args.device, args.seed, args.deterministic)
+    source = prev or init
+    img_size = source["img_size"] if source else args.img_size
+    data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
+                              not args.no_ocm, args.watch)
+    if source:
+        model = checkpoint.build_from(source, args.resume or stage_dir / "last.pth" if prev else args.init)
+        meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}
+        note = "resumed" if prev else f"weights of {args.init} (epoch {init['epoch']}), fresh Adam"
     else:
         model, note = initial_model(args, data["classes"])
-    run.build(model, args.arch, data["classes"], img_size, data)
-    if prev:
-        run.restore(prev)
-    run.banner(note)
-    say(f"divergence rule: gap grows by more than {args.gap_jump:g} points over {args.gap_window} epochs "
-        f"while val_acc does not improve; then stop after {args.patience} more epoch(s)")
-
-    def on_epoch(row, state):
-        st = run.extra_state
-        if best_epoch(run.history) == row["epoch"]:
-            st["best_epoch"] = row["epoch"]
-            run.save_weights(stage_dir / "best.pth", row["epoch"], state, row)
-        if "divergence" not in st:
-            found = find_divergence(run.history, args.gap_window, args.gap_jump)
-            if found:
-                chosen = found["chosen_epoch"]
-                st.update(divergence=found, marked_epoch=chosen, marked_label=f"divergence: epoch {chosen}")
-                weights = run.weights_of(chosen)
-                if weights is None:
-                    raise UsageError(f"the weights of epoch {chosen} are gone (its file was not written before "
-                                     "an interruption); rerun with --fresh")
-                run.save_weights(out / "divergence.pth", chosen, weights, _row(run.history, chosen))
-                write_divergence_json(stage_dir, args, run.history, found)
-                say(f"divergence rule fired at epoch {found['fired_at_epoch']}: gap grew "
-                    f"{found['gap_growth']:.1f} points since epoch {chosen} with no val gain; "
-                    f"kept epoch {chosen} as {out / 'divergence.pth'}")
-        fired = st.get("divergence")
-        st["stopped_early"] = bool(fired and row["epoch"] >= fired["fired_at_epoch"] + args.patience)
-        return st["stopped_early"]
-
-    def on_end():  # the rule never fired: the best-val epoch stands in (written before last.pth is finished)
-        if "divergence" not in run.extra_state:
-            chosen = run.extra_state["best_epoch"]
-            files.copy_file(stage_dir / "best.pth", out / "divergence.pth")
-            write_divergence_json(stage_dir, args, run.history, None, chosen)
-            say(f"the divergence rule did not fire in {len(run.history)} epochs; kept the best-val epoch "
-                f"{chosen} as {out / 'divergence.pth'}")
-
-    run.fit(on_epoch, on_end=on_end)
-    plots_note(stage_dir)
-    run.problems.summary()
-    return run.problems.exit_code()
+        meta = dict(arch=args.arch, classes=data["classes"], img_size=img_size, mean=list(IMAGENET_MEAN),
+                    std=list(IMAGENET_STD))
+    run = StageRun(args, stage_dir, title, model, data, meta, prev, device_amp, problems)
+    run.banner(note, meta)
+    return run
 
 
-def restore_divergence_pth(out, stage_dir):
-    """A finished stage 1 whose divergence.pth is gone (deleted, or lost to a kill): write it again."""
-    target = out / "divergence.pth"
-    if target.exists():
-        return
-    state = checkpoint.load(stage_dir / "last.pth")["stage"]
-    chosen = state["divergence"]["chosen_epoch"] if "divergence" in state else state["best_epoch"]
-    for source in (stage_dir / "epochs" / f"epoch_{chosen:03d}.pth", stage_dir / "best.pth"):
-        if source.exists() and checkpoint.load(source)["epoch"] == chosen:
-            files.copy_file(source, target)
-            say(f"{target} was missing; written again from {source} (epoch {chosen})")
-            return
-    raise UsageError(f"{target} is missing and the weights of its epoch ({chosen}) are no longer kept; "
-                     "rerun with --fresh")
+# ---------------------------------------------------------------- stage 1
+
+def stage1(args):
+    """Train at lr 1e-4 and keep the epoch where the gap starts to widen; returns the exit code."""
+    out, stage_dir = prepare_out(args, "1e-4")
+    prev = previous_run(args, stage_dir)
+    if finished(prev, args, stage_dir):
+        restore_named(out / "divergence.pth", stage_dir, prev["stage"]["decision"]["chosen_epoch"])
+        return cli.EXIT_OK
+    rule = recipe.Rule(args.gap_window, args.patience, args.min_epochs, args.noise_z)
+    run = open_stage(args, stage_dir, f"stage 1: {args.arch} lr {args.lr:g}", prev)
+    say(f"divergence rule: from epoch {rule.min_epochs}, over {rule.window}-epoch windows, the gap must widen "
+        f"beyond {rule.z:g} standard errors for {rule.patience} epochs in a row (details: divergence.json)"
+        + ("; --no-early-stop: training goes on after it fires" if args.no_early_stop else ""))
+
+    def fired():  # (a finished run that is extended keeps its fallback choice in the state too)
+        return run.state.get("decision", {}).get("fired", False)
+
+    def on_epoch(row):
+        run.history.append(row)
+        if not fired():
+            decision = recipe.choose(run.history, rule, set(run.keeper.kept) | {row["epoch"]})
+            if decision["fired"]:
+                run.state["decision"] = compact(decision)
+                run.state["marks"] = {decision["chosen_epoch"]: "divergence.pth"}
+                say(decision["reason"])
+        decided = {run.state["decision"]["chosen_epoch"]} if fired() else set()
+        run.keep(row, recipe.still_needed(run.history, rule) | decided)
+        run.state["stopped_early"] = fired() and not args.no_early_stop
+        return run.state["stopped_early"]
+
+    run.fit(on_epoch)
+    return end_stage1(run, rule, out, stage_dir)
 
 
-def _row(history, epoch):
-    return next(r for r in history if r["epoch"] == epoch)
+def compact(decision):
+    return {k: v for k, v in decision.items() if k != "tests"}
 
 
-def write_divergence_json(stage_dir, args, history, found, fallback_epoch=None):
-    chosen = found["chosen_epoch"] if found else fallback_epoch
-    around = [{k: r[k] for k in ("epoch", "train_acc", "val_acc", "gap")}
-              for r in history if abs(r["epoch"] - chosen) <= args.gap_window + 2]
-    files.write_json(Path(stage_dir) / "divergence.json", {
-        "chosen_epoch": chosen,
-        "reason": ("divergence rule fired" if found else
-                   "the divergence rule never fired: best val_acc epoch (ties: smaller gap)"),
-        "rule": {"gap_jump_points": args.gap_jump, "gap_window_epochs": args.gap_window,
-                 "patience": args.patience,
-                 "text": "first epoch t where gap(t) - gap(t - window) > gap_jump and max val_acc over "
-                         "epochs t-window+1..t <= val_acc(t - window); the chosen epoch is t - window"},
-        "fired": found,
-        "epochs_around": around,
-        "checkpoint": str(Path(args.out) / "divergence.pth"),
-    })
+def end_stage1(run, rule, out, stage_dir):
+    history, available = run.history, set(run.keeper.kept)
+    fired = run.state.get("decision", {}).get("fired", False)
+    decision = run.state["decision"] if fired else compact(recipe.choose(history, rule, available))
+    chosen = decision["chosen_epoch"]
+    best = recipe.steady_best(history, rule.window // 2, available)
+    run.state.update(decision=decision, marks={chosen: "divergence.pth", **({best: "best.pth"} if best != chosen else {})})
+    if not decision["fired"]:
+        say(decision["reason"])
+    row = next(r for r in history if r["epoch"] == chosen)
+    warnings = []
+    if recipe.near_chance(row["val_acc"], row["val_n"], len(run.data["classes"])):
+        warnings.append(f"the kept epoch's val_acc {row['val_acc']:.1f} % is within noise of chance "
+                        f"({100 / len(run.data['classes']):.1f} %): the model has not learnt much")
+        say(f"warning: {warnings[-1]}", file=sys.stderr)
+    write_divergence_json(stage_dir / "divergence.json", history, rule, decision, warnings, out / "divergence.pth")
+    say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
+        f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
+    return run.finish({out / "divergence.pth": chosen, stage_dir / "best.pth": best})
 
+
+def write_divergence_json(path, history, rule, decision, warnings, checkpoint_path):
+    upto = [r for r in history if r["epoch"] <= decision.get("fired_at", history[-1]["epoch"])]
+    tests = recipe.divergence(upto, rule)["tests"]
+    good, sv = recipe.qualifying(history, rule.window // 2)
+    epochs = [{"epoch": r["epoch"], "train_acc": r["train_acc"], "val_acc": r["val_acc"], "gap": r["gap"],
+               "val_se": round(recipe.se_points(r["val_acc"], r["val_n"]), 3), "smoothed_val": round(v, 3),
+               "gap_se": round(recipe.gap_se(r), 3)} for r, v in zip(history, sv)]
+    files.write_json(path, {**decision, "checkpoint": str(checkpoint_path), "warnings": warnings,
+                            "rule": recipe.rule_dict(rule), "epochs_within_one_se_of_best_val": good,
+                            "epochs": epochs, "tests": tests})
+
+
+# ---------------------------------------------------------------- stage 2
 
 def stage2(args):
-    """Fine-tune at lr 1e-7 from --init and keep the best epoch as final.pth; returns the exit code."""
+    """Fine-tune from --init at lr 1e-7 and keep the last (or steady best) epoch as final.pth."""
+    args.init = args.init or str(Path(args.out) / "divergence.pth")
+    stat = Path(args.init).stat() if Path(args.init).is_file() else None
+    args.init_id = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None  # a retrained --init is a new run
     out, stage_dir = prepare_out(args, "1e-7")
     prev = previous_run(args, stage_dir)
-    if prev == "done":
-        return 0
-    init = prev or checkpoint.load(args.init)
-    run = Run(args, stage_dir, f"stage 2: {init['arch']} lr {args.lr:g} from {Path(args.init).name}")
-    data = load_data(args, init["img_size"], run.problems, init["classes"])
-    model = checkpoint.build_from(init, args.init)
-    run.build(model, init["arch"], init["classes"], init["img_size"], data, init["mean"], init["std"])
-    if prev:
-        run.restore(prev)
-    run.banner("resumed" if prev else f"weights of {args.init} (epoch {init['epoch']}), fresh Adam")
+    if finished(prev, args, stage_dir):
+        restore_named(out / "final.pth", stage_dir, prev["stage"]["final_epoch"])
+        return cli.EXIT_OK
+    init = None if prev else checkpoint.load(args.init)
+    run = open_stage(args, stage_dir, f"stage 2: lr {args.lr:g} from {Path(args.init).name}", prev, init)
 
-    def on_epoch(row, state):
-        if best_epoch(run.history) == row["epoch"]:
-            run.extra_state.update(best_epoch=row["epoch"], marked_epoch=row["epoch"],
-                                   marked_label=f"final.pth: epoch {row['epoch']}")
-            run.save_weights(out / "final.pth", row["epoch"], state, row)
+    def on_epoch(row):
+        run.history.append(row)
+        run.keep(row, {recipe.steady_best(run.history)})
         return False
 
-    history = run.fit(on_epoch, eval_first=True)
-    start, best = history[0], _row(history, run.extra_state["best_epoch"])
-    say(f"\n{'':14}{'val_acc':>9}{'gap':>9}")
-    say(f"{'start (ep 0)':14}{start['val_acc']:9.2f}{start['gap']:9.2f}")
-    say(f"{'final (ep %d)' % best['epoch']:14}{best['val_acc']:9.2f}{best['gap']:9.2f}")
-    say(f"final.pth: {out / 'final.pth'} (epoch {best['epoch']} of the 1e-7 run; epoch 0 is the start checkpoint)")
-    plots_note(stage_dir)
-    run.problems.summary()
-    return run.problems.exit_code()
-
-
-def plots_note(stage_dir):
-    say(f"metrics: {Path(stage_dir) / 'metrics.csv'}   curves: {Path(stage_dir) / 'curves.png'}")
+    run.fit(on_epoch, eval_first=True)
+    history = run.history
+    last, best = history[-1]["epoch"], recipe.steady_best(history, available=set(run.keeper.kept))
+    final = last if args.keep == "last" else best
+    run.state.update(final_epoch=final, marks={final: "final.pth"})
+    rows = {r["epoch"]: r for r in history}
+    say(f"\n{'':22}{'val_acc':>9}{'gap':>9}")
+    for label, epoch in (("start (ep 0)", 0), (f"last (ep {last})", last), (f"steady best (ep {best})", best)):
+        say(f"{label:22}{rows[epoch]['val_acc']:9.2f}{rows[epoch]['gap']:9.2f}")
+    say(f"final.pth: {out / 'final.pth'} = epoch {final} ({args.keep}, --keep); epoch 0 is the --init checkpoint")
+    return run.finish({out / "final.pth": final})

@@ -1,367 +1,184 @@
-"""The training loop both stages share: data in memory, one epoch, evaluation, bookkeeping.
+"""The training loop both stages share: one epoch, the measurements after it, and fit() that runs them.
 
-model_1e-4.py and model_1e-7_ep20.py differ only in how they start (fresh model vs a
-chosen checkpoint) and which epoch they keep (the divergence rule vs the best epoch);
-everything else (data, augmentation, AMP, metrics.csv, curves.png, last.pth, resume) is here.
+This module trains and measures; what a stage keeps and when it stops is decided in
+stages.py by the rules of recipe.py.
 """
-import contextlib
 import math
 import sys
 import time
-from collections import deque
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
-from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, files, plots
-from .cli import Problems, UsageError, resolve_device, say
-from .data import Augment, batch_order, load_images, normalize
-from .folders import check_same_classes, empty_classes, find_classes, scan_labelled
-from .model import build_model, count_parameters
+from . import runtime
+from .cli import say
+from .data import Augment, Normalize, batch_order
+from .keeper import host_state
 
-METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds",
-                  "aug_loss", "aug_acc", "images_per_s"]
-# Arguments that define a run: a rerun with other values must not silently continue the old one.
-RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
-                "no_ocm", "weight_decay", "gap_jump", "gap_window", "patience", "deterministic")
-# last.pth (weights + Adam state, 1.5 GB for VGG-13) is written at most this often during a run, and
-# always at its end: on a GPU an epoch takes about a second, and copying the optimizer state out
-# every epoch would cost more than the epoch. A crash loses at most this much training.
-LAST_EVERY_S = 20.0
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
+                  "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc"]
 
 
-# ---------------------------------------------------------------- runtime and data
+@dataclass
+class Loop:
+    """Everything a training step needs, in one place."""
+    model: torch.nn.Module  # the weights that are trained and saved
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    amp: torch.dtype  # None: float32
+    norm: Normalize
+    batch_size: int
+    generator: torch.Generator
+    compile: bool = False
+    precise_bn: bool = True
+    augment: Augment = field(default_factory=Augment)
 
-def setup_runtime(args):
-    """Device, seeds and the fast-math switches; returns (device, amp dtype or None)."""
-    device = resolve_device(args.device)
-    torch.manual_seed(args.seed)
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    amp = None
-    if device.type == "cuda":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return device, amp
-
-
-def load_data(args, img_size, problems, classes=None):
-    """Decode data/train (+ br, ocm) and data/val into memory; returns a dict of tensors and counts."""
-    root = Path(args.data)
-    train_dir, val_dir = root / "train", root / "val"
-    if not train_dir.is_dir():
-        raise UsageError(f"{train_dir} not found: put your photos in {train_dir}/<class>/<image>")
-    if not val_dir.is_dir():
-        raise UsageError(f"{val_dir} not found: model selection needs a labelled validation folder "
-                         f"{val_dir}/<class>/<image>")
-    train_classes = find_classes(train_dir)
-    if classes is not None and list(classes) != train_classes:
-        raise UsageError(f"the checkpoint's classes {list(classes)} differ from {train_dir}'s "
-                         f"{train_classes}; start from a checkpoint made on this data")
-    originals, classes = scan_labelled(train_dir)
-    empty = empty_classes(originals, classes)
-    if empty:
-        raise UsageError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)}")
-    sources = {"train": originals}
-    for name, skip in (("br", args.no_br), ("ocm", args.no_ocm)):
-        folder = root / name
-        if skip or not folder.is_dir():
-            continue
-        check_same_classes(classes, folder, name)
-        sources[name] = scan_labelled(folder, classes)[0]
-    val_samples, _ = scan_labelled(val_dir, classes)
-    if not val_samples:
-        raise UsageError(f"{val_dir} holds no images")
-
-    out = {"classes": classes, "counts": {}}
-    decoded = {}
-    for name, samples in {**sources, "val": val_samples}.items():
-        x, y, _ = load_images(samples, img_size, problems, desc=f"decode {name}")
-        decoded[name] = (x, y)
-        out["counts"][name] = len(y)
-    out["orig"] = decoded["train"]
-    out["val"] = decoded["val"]
-    out["train"] = (torch.cat([decoded[n][0] for n in sources]), torch.cat([decoded[n][1] for n in sources]))
-    if not len(out["val"][1]) or not len(out["orig"][1]):
-        raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")
-    return out
+    def __post_init__(self):
+        self.scaler = runtime.grad_scaler(self.amp)
+        self.step_model = torch.compile(self.model) if self.compile else self.model
 
 
-# ---------------------------------------------------------------- one epoch
+def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, seed, compile=False,
+              precise_bn=True):
+    model = model.to(device)
+    if device.type == "cuda":  # cuDNN's fastest convolutions want NHWC; on the CPU it is no faster
+        model = model.to(memory_format=torch.channels_last)
+    # fused: one kernel for all parameters instead of a loop over 30+ tensors
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
+    return Loop(model, optimizer, device, amp, Normalize(mean, std, device), batch_size,
+                torch.Generator().manual_seed(seed), compile, precise_bn)
 
-def amp_context(device, amp):
-    return torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
 
+def train_epoch(loop, x_all, y_all, desc="train"):
+    """One pass over the training tensor with augmentation; returns (loss, acc %, images/s).
 
-def train_epoch(model, optimizer, scaler, data, args, device, amp, generator, mean, std, desc):
-    """One pass over the training tensor with augmentation; returns (loss, acc %, images/s)."""
-    model.train()
-    x_all, y_all = data
-    augment = Augment()
-    batches = [b for b in batch_order(len(y_all), args.batch_size, generator) if len(b) > 1]  # BN needs 2+
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    The last partial batch is dropped (see batch_order). Images/s leave out the first step,
+    which holds torch.compile's compilation and cuDNN's kernel search.
+    """
+    loop.model.train()
+    batches = batch_order(len(y_all), loop.batch_size, loop.generator, drop_last=True)
+    sizes = [len(b) for b in batches]
+    order = torch.cat(batches).to(loop.device, non_blocking=True).split(sizes)  # one copy per epoch
+    loss_sum = torch.zeros((), device=loop.device)
+    correct = torch.zeros((), device=loop.device, dtype=torch.long)
     start = shown = time.perf_counter()
-    bar = tqdm(batches, desc=desc, unit="batch", leave=False, file=sys.stdout)
-    for idx in bar:
-        idx = idx.to(device, non_blocking=True)
-        x = normalize(augment(x_all[idx], generator), mean, std)
-        y = y_all[idx]
-        with amp_context(device, amp):
-            logits = model(x)
+    bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout)
+    for step, idx in enumerate(bar):
+        x, y = loop.norm(loop.augment(x_all[idx], loop.generator)), y_all[idx]
+        with runtime.autocast(loop.device, loop.amp):
+            logits = loop.step_model(x)
             loss = F.cross_entropy(logits, y)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        # Accumulate on the device: no host sync per step, only for the bar's numbers twice a second.
-        loss_sum += loss.detach().float() * len(idx)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loop.scaler.scale(loss).backward()
+        loop.scaler.step(loop.optimizer)
+        loop.scaler.update()
+        loss_sum += loss.detach().float() * len(idx)  # accumulated on the device: no host sync per step
         correct += (logits.argmax(1) == y).sum()
-        seen += len(idx)
-        if time.perf_counter() - shown > 0.5:
-            shown = time.perf_counter()
+        if step == 0:
+            timed_from = time.perf_counter()
+        if time.perf_counter() - shown > 1.0:  # the bar's numbers cost one host sync a second
+            shown, seen = time.perf_counter(), sum(sizes[:step + 1])
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%",
                             refresh=False)
-    loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # one sync per epoch
-    return loss, acc, seen / (time.perf_counter() - start)
+    seen = sum(sizes)
+    loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # the one sync of the epoch
+    timed = time.perf_counter() - timed_from
+    ips = (seen - sizes[0]) / timed if len(sizes) > 1 and timed > 0 else seen / (time.perf_counter() - start)
+    return loss, acc, ips
+
+
+def _batches(loop, x_all):
+    """(device indices, normalised images) of each evaluation batch, in order."""
+    for idx in batch_order(len(x_all), 2 * loop.batch_size, shuffle=False):
+        idx = idx.to(loop.device, non_blocking=True)
+        yield idx, loop.norm(x_all[idx])
+
+
+@torch.no_grad()
+def precise_bn(loop, x_all):
+    """Recompute the BatchNorm running statistics on `x_all` in train mode ("precise BN").
+
+    The running averages (momentum 0.1) lag far behind weights that changed a lot in a few steps;
+    evaluated with them, accuracy swings from epoch to epoch although the weights barely differ.
+    """
+    with runtime.autocast(loop.device, loop.amp):
+        update_bn((x for _, x in _batches(loop, x_all)), loop.model)
 
 
 @torch.inference_mode()
-def evaluate(model, data, batch_size, device, amp, mean, std):
-    """Loss and accuracy (%) in eval mode without augmentation."""
-    model.eval()
-    x_all, y_all = data
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    for idx in batch_order(len(y_all), batch_size, shuffle=False):
-        idx = idx.to(device, non_blocking=True)
-        x, y = normalize(x_all[idx], mean, std), y_all[idx]
-        with amp_context(device, amp):
-            logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+def evaluate(loop, x_all, y_all):
+    """Loss and accuracy (%) in eval mode without augmentation; loss and argmax in float32,
+    so a decision read from them does not move with the autocast dtype."""
+    loop.model.eval()
+    loss_sum = torch.zeros((), device=loop.device)
+    correct = torch.zeros((), device=loop.device, dtype=torch.long)
+    for idx, x in _batches(loop, x_all):
+        y = y_all[idx]
+        with runtime.autocast(loop.device, loop.amp):
+            logits = loop.model(x)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
     return loss_sum.item() / len(y_all), 100.0 * correct.item() / len(y_all)
 
 
-# ---------------------------------------------------------------- choosing an epoch
-
-def find_divergence(rows, window, jump):
-    """The divergence rule: the first epoch t where the gap (train_acc - val_acc, points) grew by
-    more than `jump` over the last `window` epochs while val_acc did not improve on epoch t-window.
-    Returns None, or a dict whose `chosen_epoch` (t - window) is where the widening began."""
-    for i in range(window, len(rows)):
-        start, end = rows[i - window], rows[i]
-        growth = end["gap"] - start["gap"]
-        best_val = max(r["val_acc"] for r in rows[i - window + 1:i + 1])
-        if growth > jump and best_val <= start["val_acc"]:
-            return {"fired_at_epoch": end["epoch"], "chosen_epoch": start["epoch"],
-                    "gap_growth": round(growth, 4), "gap_at_chosen": start["gap"], "gap_at_fire": end["gap"],
-                    "val_acc_at_chosen": start["val_acc"], "best_val_acc_in_window": best_val}
-    return None
-
-
-def best_epoch(rows):
-    """Highest val_acc; ties go to the smaller gap, then the earlier epoch."""
-    return min(rows, key=lambda r: (-r["val_acc"], r["gap"], r["epoch"]))["epoch"]
+def measure(loop, data, epoch, seconds, aug):
+    """The epoch's row of metrics.csv: accuracy and loss on the training originals and on val
+    (and watch), after BatchNorm recalibration, so every saved checkpoint carries matching statistics."""
+    if loop.precise_bn:
+        precise_bn(loop, data["orig"][0])
+    train_loss, train_acc = evaluate(loop, *data["orig"])
+    val_loss, val_acc = evaluate(loop, *data["val"])
+    row = {"epoch": epoch, "lr": loop.optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
+           "train_acc": round(train_acc, 3), "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 3),
+           "gap": round(train_acc - val_acc, 3), "train_n": len(data["orig"][1]), "val_n": len(data["val"][1]),
+           "seconds": round(seconds, 3), "aug_loss": round(aug[0], 5), "aug_acc": round(aug[1], 3),
+           "images_per_s": round(aug[2], 1)}
+    if "watch" in data:  # analysis only: no decision reads it
+        row["watch_acc"] = round(evaluate(loop, *data["watch"])[1], 3)
+    return row
 
 
-# ---------------------------------------------------------------- the run
-
-class Run:
-    """State of one training stage: model, optimizer, data, history and the files it keeps."""
-
-    def __init__(self, args, stage_dir, title, keep_recent=0):
-        self.args, self.dir, self.title = args, Path(stage_dir), title
-        self.arch = None
-        self.keep_all = getattr(args, "keep_all", False)
-        self.problems = Problems()
-        self.device, self.amp = setup_runtime(args)
-        self.writer = checkpoint.BackgroundWriter()
-        self.history = []
-        # (epoch, CPU weights) of the last `keep_recent` epochs, in memory and on disk
-        self.recent = deque(maxlen=max(1, keep_recent))
-        self.keep_recent = keep_recent
-        self.generator = torch.Generator().manual_seed(args.seed)
-        self.extra_state = {}  # stage-specific state saved in last.pth (e.g. the divergence result)
-        self.start_epoch = 1
-        self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
-        self.mean, self.std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-
-    # -- setup
-    def build(self, model, arch, classes, img_size, data, mean=None, std=None):
-        self.arch, self.classes, self.img_size = arch, classes, img_size
-        if mean is not None:
-            self.mean, self.std = list(mean), list(std)
-        model = model.to(self.device)
-        if self.device.type == "cuda":  # cuDNN's fastest convolutions want NHWC; on CPU it is no faster
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        # fused: one kernel for all parameters instead of a loop over 30+ tensors
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=self.args.lr,
-                                          weight_decay=self.args.weight_decay, fused=True)
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp == torch.float16 else None
-        self.data = {k: self._to_device(v) for k, v in data.items() if k in ("train", "orig", "val")}
-        self.counts = data["counts"]
-        self.step_model = torch.compile(model) if self.args.compile else model
-
-    def _to_device(self, xy):
-        x, y = xy
-        if self.device.type == "cuda":
-            x, y = x.pin_memory(), y.pin_memory()
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def banner(self, weights_note):
-        a = self.args
-        dev = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
-        say(f"== {self.title}")
-        say(f"device {self.device} ({dev}), AMP {str(self.amp).replace('torch.', '') if self.amp else 'off'}, "
-            f"{'channels_last, ' if self.device.type == 'cuda' else ''}compile {'on' if a.compile else 'off'}")
-        say(f"classes ({len(self.classes)}): {', '.join(self.classes[:20])}{' ...' if len(self.classes) > 20 else ''}")
-        say("images: " + ", ".join(f"{k} {v}" for k, v in self.counts.items()) + f" at {self.img_size} px")
-        say(f"model {self.arch} {count_parameters(self.model):,} parameters; "
-            f"{weights_note}; Adam lr {a.lr:g}, weight decay {a.weight_decay:g}, batch {a.batch_size}, "
-            f"epochs {self.start_epoch}..{a.epochs}")
-        say(f"outputs in {self.dir}")
-
-    # -- checkpoints
-    def meta(self, epoch, row):
-        return dict(arch=self.arch, classes=self.classes, img_size=self.img_size, mean=self.mean, std=self.std,
-                    epoch=epoch, metrics=row or {}, args=self.args)
-
-    def epoch_path(self, epoch):
-        return self.dir / "epochs" / f"epoch_{epoch:03d}.pth"
-
-    def save_weights(self, path, epoch, state, row):
-        """Queue a weights-only contract checkpoint (no optimizer): what users open and stage 2 starts from."""
-        ckpt = checkpoint.make(state, **self.meta(epoch, row))
-        self.writer.submit(str(path), lambda: checkpoint.save(ckpt, path))
-
-    def save_last(self, epoch, state=None, finished=False):
-        """last.pth: weights + optimizer + RNG + history, for an exact --resume."""
-        row = self.history[-1] if self.history else {}
-        self.last_saved_at = time.monotonic()
-        ckpt = checkpoint.make(state or checkpoint.model_state(self.model), **self.meta(epoch, row),
-                               optimizer=_to_cpu(self.optimizer.state_dict()),
-                               scaler=self.scaler.state_dict() if self.scaler else None,
-                               rng={"torch": torch.get_rng_state(), "generator": self.generator.get_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-                               history=list(self.history), stage=dict(self.extra_state), finished=finished)
-        path = self.dir / "last.pth"
-        self.writer.submit("last", lambda: checkpoint.save(ckpt, path))
-
-    def restore(self, ckpt):
-        """Continue from a last.pth: optimizer, RNG, history and the recent epochs' weights."""
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        self.generator.set_state(ckpt["rng"]["generator"])
-        if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        self.history = list(ckpt["history"])
-        self.extra_state = dict(ckpt.get("stage") or {})
-        self.start_epoch = ckpt["epoch"] + 1
-        for row in self.history[-self.recent.maxlen:]:
-            path = self.epoch_path(row["epoch"])
-            if path.exists():
-                self.recent.append((row["epoch"], checkpoint.load(path)["model"]))
-        say(f"resuming after epoch {ckpt['epoch']} ({len(self.history)} epochs of history)")
-
-    # -- the loop
-    def fit(self, on_epoch, eval_first=False, on_end=None):
-        """Train to args.epochs; on_epoch(row, state) runs after each epoch and returns True to stop.
-
-        on_end() runs after the last epoch, before last.pth is marked finished: what it writes
-        exists whenever a finished last.pth does.
-        """
-        self.dir.mkdir(parents=True, exist_ok=True)  # (stages.prepare_out has cleared old temporaries)
-        if eval_first and not self.history:
-            self.record(self.evaluate_row(0, 0.0, (math.nan, math.nan, 0.0)), on_epoch)
-        for epoch in range(self.start_epoch, self.args.epochs + 1):
-            t0 = time.perf_counter()
-            aug = train_epoch(self.step_model, self.optimizer, self.scaler, self.data["train"], self.args,
-                              self.device, self.amp, self.generator, self.mean, self.std,
-                              desc=f"epoch {epoch}/{self.args.epochs}")
-            row = self.evaluate_row(epoch, time.perf_counter() - t0, aug)
-            stop, state = self.record(row, on_epoch)
-            due = time.monotonic() - self.last_saved_at >= LAST_EVERY_S
-            if due and not self.writer.pending("last"):  # skip, rather than queue, while the disk is behind
-                self.save_last(epoch, state)
-            if stop:
-                break
-        epoch = self.history[-1]["epoch"] if self.history else 0
-        self.writer.flush()
-        if on_end is not None:
-            on_end()
-        self.save_last(epoch, self.weights_of(epoch), finished=True)
-        self.writer.close()
-        return self.history
-
-    def evaluate_row(self, epoch, train_seconds, aug):
-        a = self.args
-        bs = a.batch_size * 2
-        train_loss, train_acc = evaluate(self.model, self.data["orig"], bs, self.device, self.amp, self.mean, self.std)
-        val_loss, val_acc = evaluate(self.model, self.data["val"], bs, self.device, self.amp, self.mean, self.std)
-        return {"epoch": epoch, "lr": a.lr, "train_loss": round(train_loss, 5), "train_acc": round(train_acc, 3),
-                "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 3),
-                "gap": round(train_acc - val_acc, 3), "seconds": round(train_seconds, 3),
-                "aug_loss": round(aug[0], 5), "aug_acc": round(aug[1], 3), "images_per_s": round(aug[2], 1)}
-
-    def record(self, row, on_epoch):
-        self.history.append(row)
-        state = checkpoint.model_state(self.model)
-        self.recent.append((row["epoch"], state))
-        say(f"epoch {row['epoch']:3d}  train {row['train_acc']:6.2f}%  val {row['val_acc']:6.2f}%  "
-            f"gap {row['gap']:6.2f}  val_loss {row['val_loss']:.4f}  {row['seconds']:.1f}s  "
-            f"{row['images_per_s']:.0f} img/s")
-        # The recent epochs stay on disk (and in memory) so the divergence epoch still exists when the
-        # rule fires a few epochs later.
-        if row["epoch"] > 0 and (self.keep_recent or self.keep_all):
-            self.save_weights(self.epoch_path(row["epoch"]), row["epoch"], state, row)
-        self.prune_epoch_files()
-        stop = on_epoch(row, state)
-        rows = list(self.history)
-        self.writer.submit("metrics", lambda: files.write_csv(
-            self.dir / "metrics.csv", METRIC_COLUMNS, [[r[c] for c in METRIC_COLUMNS] for r in rows]))
-        mark = self.extra_state.get("marked_epoch")
-        label = self.extra_state.get("marked_label")
-        self.writer.submit("curves", lambda: plots.training_curves(rows, self.dir / "curves.png", self.title,
-                                                                   mark, label))
-        return stop, state
-
-    def prune_epoch_files(self):
-        """Keep only the recent epochs' files on disk (all of them with --keep-all)."""
-        if self.keep_all:
-            return
-        keep = {e for e, _ in self.recent}
-        for row in self.history:
-            if row["epoch"] not in keep and row["epoch"] > 0:
-                path = self.epoch_path(row["epoch"])
-                self.writer.submit(str(path), lambda p=path: p.unlink(missing_ok=True))
-
-    def weights_of(self, epoch):
-        for e, state in self.recent:
-            if e == epoch:
-                return state
-        return None
+def fit(loop, data, first_epoch, last_epoch, on_epoch, eval_first=False):
+    """Train epochs first_epoch..last_epoch; on_epoch(row) runs after each and returns True to stop.
+    With eval_first, the starting weights are measured first, as epoch 0."""
+    if eval_first and first_epoch == 1:
+        on_epoch(measure(loop, data, 0, 0.0, (math.nan, math.nan, 0.0)))
+    for epoch in range(first_epoch, last_epoch + 1):
+        t0 = time.perf_counter()
+        aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{last_epoch}")
+        row = measure(loop, data, epoch, time.perf_counter() - t0, aug)
+        say(f"epoch {epoch:3d}  train {row['train_acc']:6.2f}%  val {row['val_acc']:6.2f}%  gap {row['gap']:6.2f}  "
+            f"val_loss {row['val_loss']:.4f}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
+        if on_epoch(row):
+            break
 
 
-def _to_cpu(obj):
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
-    return obj
+# ---------------------------------------------------------------- what --resume needs
+
+def training_state(loop, history, stage):
+    """Everything last.pth adds to the weights: optimizer, scaler, RNG states, history, the stage's own state."""
+    return {"model": loop.model, "optimizer": host_state(loop.optimizer.state_dict()),
+            "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else None,
+            "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "history": list(history), "stage": dict(stage)}
+
+
+def restore_training_state(loop, ckpt):
+    """Continue from a last.pth exactly: optimizer (in each parameter's memory layout), scaler, RNG."""
+    loop.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in loop.optimizer.param_groups:  # a CPU-made state is NCHW; on the GPU parameters are NHWC
+        for p in group["params"]:
+            for key, value in loop.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    loop.optimizer.state[p][key] = torch.empty_like(p).copy_(value)
+    if ckpt.get("scaler") and loop.scaler.is_enabled():
+        loop.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    loop.generator.set_state(ckpt["rng"]["generator"])
+    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])

@@ -1,8 +1,13 @@
 """Shared test helpers: the repository's scripts run as a user runs them, on real photos."""
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,9 +16,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smalldata.rembg_models import model_home  # noqa: E402
+from smalldata.rembg_api import find_model  # noqa: E402
 
-model_home()  # sets U2NET_HOME for this process and the scripts it starts
+find_model("u2netp")  # points U2NET_HOME at the set-up's u2netp when rembg's folders lack it
 
 
 def run_script(script, *args, cwd=None, timeout=900, check=None):
@@ -25,6 +30,25 @@ def run_script(script, *args, cwd=None, timeout=900, check=None):
         raise AssertionError(f"{script} exited {proc.returncode}, expected {check}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def run_here(script, *args):
+    """Run a script as `python script args` would, but in this process; returns (returncode, stdout, stderr)."""
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = [str(REPO / script), *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+                code = 0
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            except Exception:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = argv
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 def skimage_photos():

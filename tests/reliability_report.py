@@ -4,11 +4,11 @@ As a pytest plugin (tests/test_reliability.py loads it with `pytest_plugins`), i
 `reliability` fixture: `reliability(category, case, script, outcome)` records one row, where
 `outcome` is what the test observed (exit code, the reason printed). When the test ends, each of its
 rows gets the test's result (pass, known bug = xfail, FAILED). At the end of the session the rows go
-to <pytest basetemp>/reliability.json and reliability.md; with RELIABILITY_README=1 in the
-environment the README's section between the markers below is rewritten as well.
+to <pytest basetemp>/reliability.json and reliability.md; with RELIABILITY_DOCS=1 in the
+environment the table between the markers below in docs/reliability.md is rewritten as well.
 
-    RELIABILITY_README=1 .venv/bin/python -m pytest tests/test_reliability.py   # run and update README
-    .venv/bin/python tests/reliability_report.py [records.json]                  # README from the last run
+    RELIABILITY_DOCS=1 .venv/bin/python -m pytest tests/test_reliability.py   # run and update docs/reliability.md
+    .venv/bin/python tests/reliability_report.py [records.json]                  # the page from the last run
 """
 import json
 import os
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 START, END = "<!-- reliability:start -->", "<!-- reliability:end -->"
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
 CATEGORIES = ("fault", "bad input", "hostile file")
 _rows = []  # every row of this session, in the order recorded
 
@@ -57,12 +57,12 @@ def pytest_sessionfinish(session):
     base = session.config._tmp_path_factory.getbasetemp()
     (base / "reliability.json").write_text(json.dumps(_rows, indent=1, ensure_ascii=False) + "\n", "utf-8")
     (base / "reliability.md").write_text(render(_rows), "utf-8")
-    if os.environ.get("RELIABILITY_README") == "1":
+    if os.environ.get("RELIABILITY_DOCS") == "1":
         opt = session.config.option
         if opt.keyword or opt.markexpr or session.testsfailed:
-            print(f"\nRELIABILITY_README=1: {README} left as it was (only a full, passing run rewrites it)")
+            print(f"\nRELIABILITY_DOCS=1: {PAGE} left as it was (only a full, passing run rewrites it)")
         else:
-            update_readme(README, render(_rows))
+            update_page(PAGE, render(_rows))
 
 
 def render(rows):
@@ -87,7 +87,7 @@ def render(rows):
     return "\n".join(lines) + "\n"
 
 
-def update_readme(readme, table):
+def update_page(readme, table):
     text = Path(readme).read_text("utf-8")
     if START not in text or END not in text:
         raise SystemExit(f"{readme}: markers {START} ... {END} not found")
@@ -112,8 +112,8 @@ def main(argv):
         print(__doc__)
         return
     path = Path(argv[0]) if argv else last_records()
-    update_readme(README, render(json.loads(path.read_text("utf-8"))))
-    print(f"{README}: reliability section rewritten from {path}")
+    update_page(PAGE, render(json.loads(path.read_text("utf-8"))))
+    print(f"{PAGE}: reliability section rewritten from {path}")
 
 
 if __name__ == "__main__":

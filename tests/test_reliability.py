@@ -3,18 +3,16 @@
 Every test records what it tried and what it saw with the `reliability` fixture (tests/reliability_report.py);
 the README's Reliability table is made from those rows. Kills and full disks run the scripts as processes.
 Refusals and bad-input runs of the torch scripts call the script in this process with runpy: the same
-`main_wrapper(main)` a user's command runs, without the ~10 s of CPU that importing torch costs here.
+`cli.run(main)` a user's command runs, without the ~10 s of CPU that importing torch costs here.
 The kill and resume runs train resnet18 (45 MB per checkpoint, the same code path as vgg13_bn's 0.5 GB);
 the full-disk checkpoint test uses vgg13_bn itself.
 """
 import contextlib
 import csv
-import io
 import json
 import os
 import pickle
 import re
-import runpy
 import shlex
 import shutil
 import signal
@@ -22,17 +20,15 @@ import struct
 import subprocess
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script, skimage_photos, write_photo_set
+from conftest import REPO, run_here, run_script, skimage_photos, write_photo_set
 from smalldata import checkpoint
 from smalldata.files import TEMP_MARK
 from smalldata.images import open_rgb, resize_square
@@ -52,25 +48,6 @@ TIMING = ("seconds", "images_per_s")
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-def run_here(script, *args):
-    """Run a script as `python script args` would, but in this process; returns (returncode, stdout, stderr)."""
-    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = [str(REPO / script), *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(str(REPO / script), run_name="__main__")
-                code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
-            except Exception:  # what the interpreter does with an uncaught exception
-                traceback.print_exc()
-                code = 1
-    finally:
-        sys.argv = argv
-    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
-
 
 def train_here(script, *args):
     """run_here for a training run that must succeed, leaving torch's global switches as they were."""
@@ -247,9 +224,10 @@ def train_data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage1_reference(train_data, tmp_path_factory):
-    """An uninterrupted 3-epoch stage 1 run in deterministic CPU mode (in this process: no torch import)."""
+    """An uninterrupted 3-epoch stage 1 run in deterministic CPU mode (in this process: no torch import),
+    keeping every epoch's weights to compare with."""
     out = tmp_path_factory.mktemp("s1_ref") / "ck"
-    train_here(S1, "--data", train_data, "--out", out, *TRAIN)
+    train_here(S1, "--data", train_data, "--out", out, *TRAIN, "--keep-all")
     return out
 
 
@@ -351,7 +329,7 @@ def test_stage1_killed_early_mid_epoch_and_mid_checkpoint_save_then_rerun_equals
     assert f"resuming after epoch {epoch}" in rerun.stdout
     assert_same_training(out, stage1_reference, "1e-4",
                          ["1e-4/last.pth", "1e-4/best.pth", "divergence.pth",
-                          *[f"1e-4/epochs/epoch_{e:03d}.pth" for e in (1, 2, 3)]])
+                          *[p.relative_to(out).as_posix() for p in sorted((out / "1e-4/epochs").glob("epoch_*.pth"))]])
     reliability("fault", "rerun (same command) after the three kills", S1,
                 f"exit 0, resumed after epoch {epoch}; metrics rows (timing aside), last/best/divergence/epoch "
                 "checkpoint tensors (weights and Adam state) identical to an uninterrupted run")

@@ -1,0 +1,152 @@
+"""The GPU-only paths, checked in one run on the first device (docs/measurements.md, "On a GPU").
+
+    python bench/gpu_readiness.py --images PHOTOS           # PHOTOS: <class>/<image> folders
+
+Checks, each printed with its numbers: host syncs in a training step (torch.cuda.set_sync_debug_mode),
+images/s with the checkpoint keeper working against the bare loop, NCHW<->NHWC conversion kernels
+in a profiler trace, recompiles under --compile, a CPU-made optimizer state resumed on CUDA, two
+--deterministic runs, and peak GPU memory. On a CPU it runs what a CPU can (no sync mode, profiler
+or peak memory) as a smoke test of the script itself.
+"""
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torchvision
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
+from smalldata.cli import Problems  # noqa: E402
+from smalldata.data import load_images  # noqa: E402
+from smalldata.folders import scan_labelled  # noqa: E402
+from smalldata.keeper import Keeper  # noqa: E402
+from smalldata.train import make_loop, restore_training_state, train_epoch, training_state  # noqa: E402
+
+
+def loop_for(args, device, amp, classes, seed=0, compile=False):
+    model = torchvision.models.get_model(args.arch, num_classes=classes)
+    return make_loop(model, lr=1e-4, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, batch_size=args.batch_size, seed=seed, compile=compile)
+
+
+def syncs_per_step(loop, x, y):
+    if loop.device.type != "cuda":
+        return "n/a on CPU"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            train_epoch(loop, x, y, "sync check")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    steps = len(y) // loop.batch_size
+    return f"{len(caught)} synchronising calls in {steps} steps (expected: 2, at the epoch's end)"
+
+
+def with_and_without_keeper(args, loop, x, y, classes):
+    """images/s of a few epochs, bare, then with the Keeper snapshotting every epoch and writing last.pth."""
+    def epochs(keeper):
+        rates = []
+        for epoch in range(1, args.epochs + 1):
+            rates.append(train_epoch(loop, x, y, "keeper" if keeper else "bare")[2])
+            if keeper:
+                row = {"epoch": epoch}
+                keeper.snapshot(loop.model, row, needed={epoch})
+                keeper.last_saved_at = -1e9  # every epoch: the worst case
+                keeper.save_last(epoch, training_state(loop, [row], {}))
+        return sorted(rates)[len(rates) // 2]
+
+    bare = epochs(None)
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = dict(arch=args.arch, classes=[str(i) for i in range(classes)], img_size=args.img_size,
+                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
+        keeper = Keeper(tmp, meta)
+        kept = epochs(keeper)
+        keeper.close()
+    return f"bare {bare:.0f} images/s, with the keeper writing last.pth every epoch {kept:.0f} ({kept / bare:.0%})"
+
+
+def conversion_kernels(loop, x, y):
+    if loop.device.type != "cuda":
+        return "n/a on CPU"
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        train_epoch(loop, x[: 4 * loop.batch_size], y[: 4 * loop.batch_size], "profile")
+    names = [e.key for e in prof.key_averages() if "nchw" in e.key.lower() or "nhwc" in e.key.lower()
+             or "convert" in e.key.lower()]
+    return f"{len(names)} layout-conversion kernels" + (f": {', '.join(names[:5])}" if names else "")
+
+
+def recompiles(args, device, amp, classes, x, y):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    loop = loop_for(args, device, amp, classes, compile=True)
+    t0 = time.perf_counter()
+    train_epoch(loop, x, y, "compile 1")
+    first = time.perf_counter() - t0
+    ips = train_epoch(loop, x, y, "compile 2")[2]
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    return f"{frames} compiled graph(s) over two epochs; first epoch {first:.1f} s, then {ips:.0f} images/s"
+
+
+def cpu_state_resumed_here(args, device, amp, classes, x, y):
+    cpu = loop_for(args, torch.device("cpu"), None, classes)
+    train_epoch(cpu, x[: 2 * args.batch_size].cpu(), y[: 2 * args.batch_size].cpu(), "cpu")
+    state = training_state(cpu, [], {})
+    state["rng"]["cuda"] = []
+    here = loop_for(args, device, amp, classes)
+    here.model.load_state_dict(cpu.model.state_dict())
+    restore_training_state(here, state)
+    train_epoch(here, x, y, "resumed")
+    return "a CPU-made Adam state resumed and stepped"
+
+
+def deterministic_twice(args, device, amp, classes, x, y):
+    runtime.setup(device.type, seed=0, deterministic=True)
+    losses = [train_epoch(loop_for(args, device, amp, classes), x, y, "deterministic")[0] for _ in range(2)]
+    torch.use_deterministic_algorithms(False)
+    return f"losses {losses[0]:.6f} and {losses[1]:.6f}: {'identical' if losses[0] == losses[1] else 'DIFFERENT'}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--arch", default="vgg13_bn")
+    p.add_argument("--img-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=3)
+    args = p.parse_args()
+    device, amp = runtime.setup("auto", seed=0)
+    samples, classes = scan_labelled(args.images)
+    x, y = load_images(samples, args.img_size, Problems())
+    x, y = x.to(device), y.to(device)
+    print(runtime.describe(device, amp), f"; {len(y)} images at {args.img_size} px, {args.arch}")
+    loop = loop_for(args, device, amp, len(classes))
+    train_epoch(loop, x, y, "warm-up")
+    checks = {
+        "host syncs": lambda: syncs_per_step(loop, x, y),
+        "checkpoint keeper": lambda: with_and_without_keeper(args, loop, x, y, len(classes)),
+        "layout conversions": lambda: conversion_kernels(loop, x, y),
+        "torch.compile": lambda: recompiles(args, device, amp, len(classes), x, y),
+        "CPU last.pth on this device": lambda: cpu_state_resumed_here(args, device, amp, len(classes), x, y),
+        "--deterministic twice": lambda: deterministic_twice(args, device, amp, len(classes), x, y),
+    }
+    for name, check in checks.items():
+        try:
+            print(f"{name:30s} {check()}", flush=True)
+        except Exception as e:  # report and go on: one run should show every item
+            print(f"{name:30s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
+    if device.type == "cuda":
+        print(f"{'peak GPU memory':30s} {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Every file a training stage keeps, written on one background thread so that training never waits for the disk.
+
+The Keeper holds host copies of the weights of the epochs a decision may still pick, writes
+the named checkpoints (best.pth, divergence.pth, final.pth), and writes last.pth for --resume
+together with the epoch files that last.pth needs (epochs/epoch_NNN.pth), then prunes the rest.
+A kill at any moment leaves a last.pth whose epoch files are all on disk. (timm's
+CheckpointSaver is the model for this split between the loop and its files.)
+"""
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, files
+
+# last.pth (weights + Adam state, 1.5 GB for VGG-13) is written at most this often, and always at the
+# end: on a GPU an epoch takes about a second, and writing the optimizer state every epoch would cost
+# more than the epoch. A crash loses at most this much training.
+LAST_EVERY_S = 20.0
+
+
+class Writer:
+    """One background thread, jobs in order. A job not yet started is replaced by a newer one with the
+    same key (only the newest metrics.csv or curves.png matters); an error is raised at the next call."""
+
+    def __init__(self):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint-writer")
+        self.jobs = {}
+
+    def submit(self, key, fn, *args):
+        self.raise_errors()
+        old = self.jobs.get(key)
+        if old is not None:
+            old.cancel()
+        self.jobs[key] = self.pool.submit(fn, *args)
+
+    def busy(self, key):
+        return key in self.jobs and not self.jobs[key].done()
+
+    def raise_errors(self):
+        for key, job in list(self.jobs.items()):
+            if job.done():
+                del self.jobs[key]
+                if not job.cancelled() and job.exception() is not None:
+                    raise job.exception()
+
+    def flush(self):
+        for job in list(self.jobs.values()):
+            if not job.cancelled():
+                job.exception()  # waits
+        self.raise_errors()
+
+    def close(self):
+        self.flush()
+        self.pool.shutdown()
+
+
+class Keeper:
+    def __init__(self, stage_dir, meta, keep_all=False):
+        self.dir, self.meta, self.keep_all = Path(stage_dir), meta, keep_all
+        self.writer = Writer()
+        self.kept = {}  # epoch -> (host weights, metrics row) of the epochs a decision may still pick
+        self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
+
+    def epoch_path(self, epoch):
+        return self.dir / "epochs" / f"epoch_{epoch:03d}.pth"
+
+    def make(self, epoch, state=None, **extra):
+        state, row = (state, {}) if state is not None else self.kept[epoch]
+        return checkpoint.make(state, epoch=epoch, metrics=row, **self.meta, **extra)
+
+    def snapshot(self, model, row, needed):
+        """Keep a host copy of this epoch's weights; forget epochs no decision can pick any more."""
+        self.kept[row["epoch"]] = (checkpoint.model_state(model), dict(row))
+        for epoch in [e for e in self.kept if e not in needed | {row["epoch"]}]:
+            del self.kept[epoch]
+        if self.keep_all:
+            self.writer.submit(f"epoch {row['epoch']}", self._write_epoch, row["epoch"])
+
+    def name(self, path, epoch):
+        """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth)."""
+        if epoch not in self.kept:
+            raise checkpoint.CheckpointError(
+                f"the weights of epoch {epoch} are no longer kept (an interrupted run lost them); rerun with --fresh")
+        self.writer.submit(str(path), self._write_named, Path(path), epoch, self.make(epoch))
+
+    def save_last(self, epoch, training_state, finished=False):
+        """last.pth (weights, optimizer, RNG, history) and the epoch files it needs, at most every
+        LAST_EVERY_S seconds unless `finished`; skipped, rather than queued, while the disk is behind."""
+        due = time.monotonic() - self.last_saved_at >= LAST_EVERY_S
+        if not finished and (not due or self.writer.busy("last")):
+            return
+        self.last_saved_at = time.monotonic()
+        state = checkpoint.model_state(training_state.pop("model"))
+        ckpt = self.make(epoch, state, kept_epochs=sorted(self.kept), finished=finished, **training_state)
+        # (the newest epoch's weights are in last.pth itself; a finished run also gets its file, for the named links)
+        epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.epoch_path(e).exists()}
+        self.writer.submit("last", self._write_last, ckpt, epochs)
+
+    def restore(self, ckpt):
+        """Continue after the epoch of a last.pth: reload the kept epochs it lists, and delete epoch
+        files a killed run wrote past it."""
+        folder = self.dir / "epochs"
+        for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() else []:
+            if int(path.stem.split("_")[1]) > ckpt["epoch"]:
+                path.unlink()
+        rows = {r["epoch"]: r for r in ckpt["history"]}
+        for epoch in ckpt.get("kept_epochs", []):
+            if epoch == ckpt["epoch"]:
+                self.kept[epoch] = (ckpt["model"], rows.get(epoch, {}))
+            elif self.epoch_path(epoch).exists():
+                self.kept[epoch] = (checkpoint.load(self.epoch_path(epoch))["model"], rows.get(epoch, {}))
+
+    def close(self):
+        self.writer.close()
+
+    # -- on the writer thread
+    def _write_epoch(self, epoch):
+        checkpoint.save(self.make(epoch), self.epoch_path(epoch))
+
+    def _write_named(self, path, epoch, ckpt):
+        source = self.epoch_path(epoch)
+        if source.exists():
+            files.link_or_copy(source, path)  # one file on disk for both names
+        else:
+            checkpoint.save(ckpt, path)
+
+    def _write_last(self, ckpt, epochs):
+        for epoch, epoch_ckpt in epochs.items():
+            checkpoint.save(epoch_ckpt, self.epoch_path(epoch))
+        checkpoint.save(ckpt, self.dir / "last.pth")
+        if not self.keep_all:  # only now may the files the previous last.pth needed go
+            needed = set(ckpt["kept_epochs"])
+            for path in (self.dir / "epochs").glob("epoch_*.pth"):
+                if int(path.stem.split("_")[1]) not in needed:
+                    path.unlink(missing_ok=True)
+
+
+def host_state(obj):
+    """A host copy of a (nested) optimizer state."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: host_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(host_state(v) for v in obj)
+    return obj
+

@@ -1,0 +1,52 @@
+"""Every script, fed bad flag values: exit 2, one line on stderr that names the problem, no traceback,
+and nothing written. The values are checked while parsing, before any photo is decoded."""
+import pytest
+
+from conftest import run_here, write_photo_set
+
+BR, OCM, S1, S2, SCORE = "make_remove_background.py", "make_cutmix.py", "model_1e-4.py", "model_1e-7_ep20.py", \
+    "check_score.py"
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
+    write_photo_set(root / "data" / "train", per_class=1, size=16, classes=["chelsea", "coffee"])
+    write_photo_set(root / "data" / "val", per_class=1, size=16, classes=["chelsea", "coffee"])
+    write_photo_set(root / "one" / "train", per_class=2, size=16, classes=["chelsea"])
+    write_photo_set(root / "one" / "val", per_class=1, size=16, classes=["chelsea"])
+    (root / "a_file").write_text("not a folder")
+    return root
+
+
+CASES = {  # script -> [(flags, words the message must hold)]; {root} is the fixture's folder
+    S1: [(["--epochs", "0"], "--epochs"), (["--batch-size", "-3"], "--batch-size"), (["--lr", "fast"], "--lr"),
+         (["--img-size", "0"], "--img-size"), (["--arch", "vgg13bn"], "vgg13_bn"),
+         (["--data", "{root}/a_file"], "is a file"), (["--data", "{root}/nowhere"], "not found"),
+         (["--out", "{root}/a_file"], "is a file"), (["--data", "{root}/one", "--weights", "none"], "at least two"),
+         (["--patience", "0"], "--patience"), (["--noise-z", "nan"], "--noise-z")],
+    S2: [(["--epochs", "-1"], "--epochs"), (["--init", "{root}/nowhere.pth"], "not found"),
+         (["--data", "{root}/a_file"], "is a file"), (["--keep", "worst"], "--keep")],
+    SCORE: [(["--batch-size", "0"], "--batch-size"), (["--data", "{root}/nowhere"], "not found"),
+            (["--checkpoint", "{root}/nowhere.pth"], "not found"), (["--checkpoint", "{root}/data"], "not a file"),
+            (["--mistakes", "x"], "--mistakes")],
+    OCM: [(["--count", "0"], "--count"), (["--count", "100000"], "99999"), (["--alpha", "-1"], "--alpha"),
+          (["--img-size", "4"], "--img-size"), (["--src", "{root}/nowhere"], "not found"),
+          (["--src", "{root}/data/train", "--dst", "{root}/a_file"], "is a file")],
+    BR: [(["--min-fg", "2"], "--min-fg"), (["--threads", "-1"], "--threads"), (["--preview-count", "0"], "preview"),
+         (["--src", "{root}/data/train", "--dst", "{root}/a_file"], "is a file"),
+         (["--src", "{root}/nowhere"], "not found"), (["--min-fg", "0.5", "--max-fg", "0.4"], "--min-fg")],
+}
+
+
+@pytest.mark.parametrize("script,flags,words", [(s, f, w) for s, cases in CASES.items() for f, w in cases],
+                         ids=lambda v: " ".join(v) if isinstance(v, list) else str(v))
+def test_a_bad_value_is_one_line_and_exit_2(script, flags, words, places, tmp_path):
+    flags = [f.replace("{root}", str(places)) for f in flags]
+    defaults = [] if script in (BR, OCM, SCORE) else ["--out", str(tmp_path / "ck")]
+    r = run_here(script, *defaults, *flags)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    assert words in lines[0], lines[0]
+    assert not (tmp_path / "ck").exists()

@@ -1,0 +1,34 @@
+"""smalldata/rembg_api.py is the one module that touches rembg: if a rembg release moves anything it uses,
+this fails, naming what moved (requirements.txt keeps rembg below 3)."""
+import inspect
+
+from rembg import bg, new_session
+from rembg.sessions import sessions, sessions_class
+
+from smalldata import rembg_api
+
+
+def test_rembg_still_has_what_rembg_api_uses():
+    assert "u2netp" in sessions and any(c.name() == "u2netp" for c in sessions_class)
+    cls = sessions["u2netp"]
+    for name in ("is_local", "resolve_existing", "download_models", "name"):
+        assert callable(getattr(cls, name, None)), name
+    assert "model_name" in inspect.signature(new_session).parameters  # new_session(model, sess_opts=, providers=)
+    assert callable(bg.post_process) and callable(bg.alpha_matting_cutout)
+    assert "pooch" in inspect.getsource(cls.download_models)  # what no_downloads() intercepts
+    session = rembg_api.open_session("u2netp", ["CPUExecutionProvider"], 1, 1)
+    assert hasattr(session, "inner_session") and rembg_api.providers_of(session) == ["CPUExecutionProvider"]
+
+
+def test_models_are_found_where_rembg_looks_then_in_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("U2NET_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # rembg's default folders (~/.u2net, ~/.rembg) are empty here
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    monkeypatch.delenv("REMBG_HOME", raising=False)
+    found = rembg_api.find_model("u2netp")  # the set-up's copy in the environment folder
+    assert found and str(rembg_api.extra_home()) in found
+    monkeypatch.delenv("U2NET_HOME", raising=False)
+    mine = tmp_path / ".u2net" / "u2netp.onnx"  # a user's own copy in rembg's default place wins
+    mine.parent.mkdir()
+    mine.write_bytes((rembg_api.extra_home() / "u2netp.onnx").read_bytes())
+    assert rembg_api.find_model("u2netp") == str(mine)

@@ -1,0 +1,122 @@
+"""The GPU-facing choices, checked on the CPU: number format, determinism, batch shapes, host syncs,
+optimizer state layout on resume, model names and CJK class names in pictures."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from smalldata import runtime
+from smalldata.data import batch_order
+from smalldata.train import make_loop, restore_training_state, train_epoch, training_state
+
+
+def tiny_model(classes=3):
+    return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(4, classes))
+
+
+def tiny_loop(model=None, batch_size=4):
+    return make_loop(model or tiny_model(), lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), amp=None,
+                     mean=[0.5] * 3, std=[0.25] * 3, batch_size=batch_size, seed=0)
+
+
+def tiny_data(n=10, size=8):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 256, (n, 3, size, size), generator=g, dtype=torch.uint8), torch.arange(n) % 3
+
+
+def test_gpus_that_only_emulate_bf16_get_fp16(monkeypatch):
+    def is_bf16_supported(including_emulation=True):  # a T4 or V100: bf16 only through emulation
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    assert runtime.amp_dtype(torch.device("cuda")) == torch.float16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # an H100
+    assert runtime.amp_dtype(torch.device("cuda")) == torch.bfloat16
+    assert runtime.amp_dtype(torch.device("cpu")) is None
+
+
+def test_deterministic_mode_sets_cublas_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    state = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        runtime.setup("cpu", seed=0, deterministic=True)
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(state[0], warn_only=state[1])
+
+
+def test_every_training_batch_has_one_shape():
+    sizes = {len(b) for b in batch_order(10, 4, torch.Generator().manual_seed(0), drop_last=True)}
+    assert sizes == {4}  # the last partial batch (2) is left out: torch.compile never recompiles
+    assert [len(b) for b in batch_order(3, 4, drop_last=True)] == [3]  # fewer photos than a batch: one batch
+
+
+def test_a_training_step_makes_no_host_tensors_and_reads_the_device_once_per_epoch(monkeypatch):
+    loop = tiny_loop()
+    x, y = tiny_data(n=12)
+    calls = {"tensor": 0, "item": 0}
+    real_tensor, real_item = torch.tensor, torch.Tensor.item
+
+    def counting_tensor(*args, **kwargs):
+        calls["tensor"] += 1
+        return real_tensor(*args, **kwargs)
+
+    def counting_item(self):
+        calls["item"] += 1
+        return real_item(self)
+
+    monkeypatch.setattr(torch, "tensor", counting_tensor)
+    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    train_epoch(loop, x, y)  # three steps, well under a second
+    assert calls["tensor"] == 0  # normalisation constants live on the device already
+    assert calls["item"] == 2  # loss and accuracy, once at the end of the epoch
+
+
+def test_resumed_optimizer_state_takes_each_parameters_memory_layout():
+    loop = tiny_loop()
+    x, y = tiny_data()
+    train_epoch(loop, x, y)  # Adam state made in NCHW, as on a CPU
+    state = training_state(loop, [], {})
+    state["model"] = None
+    nhwc = tiny_model().to(memory_format=torch.channels_last)  # as the GPU run lays the parameters out
+    resumed = tiny_loop(nhwc)
+    restore_training_state(resumed, state)
+    conv = nhwc[0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert resumed.optimizer.state[conv][key].stride() == conv.stride(), key
+    train_epoch(resumed, x, y)  # and the fused step runs
+
+
+@pytest.mark.parametrize("name", ["vgg13_bn", "resnet18"])
+def test_model_names_are_checked_while_parsing(name):
+    from smalldata.model import arch_name
+
+    assert arch_name(name) == name
+    with pytest.raises(Exception, match="did you mean vgg13_bn"):
+        arch_name("vgg13bn")
+
+
+def test_korean_class_names_draw_with_real_glyphs_and_no_warnings(tmp_path):
+    import warnings
+
+    from matplotlib import ft2font
+    from PIL import Image
+
+    from smalldata import plots
+
+    path = plots.cjk_font_path()
+    assert path, "the CJK font package is part of requirements.txt"
+    font = ft2font.FT2Font(path)
+    assert all(font.get_char_index(ord(ch)) for ch in "사과배귤林檎りんご")  # Hangul, Han and kana glyphs exist
+    classes = ["사과", "배", "귤", "apple"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plots.confusion(torch.eye(4, dtype=torch.long) * 3, classes, tmp_path / "confusion.png", "점수: 사과")
+        plots.image_grid([[(Image.new("RGB", (32, 32), "white"), ["사과", ("예측: 배", (200, 0, 0))])]],
+                         tmp_path / "grid.png")
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
