@@ -110,8 +110,10 @@ def cpu_state_resumed_here(args, device, amp, classes, x, y):
 
 
 def deterministic_twice(args, device, amp, classes, x, y):
-    runtime.setup(device.type, seed=0, deterministic=True)
-    losses = [train_epoch(loop_for(args, device, amp, classes), x, y, "deterministic")[0] for _ in range(2)]
+    losses = []
+    for _ in range(2):
+        runtime.setup(device.type, seed=0, deterministic=True)  # the same seeds, then the same run
+        losses.append(train_epoch(loop_for(args, device, amp, classes), x, y, "deterministic")[0])
     torch.use_deterministic_algorithms(False)
     return f"losses {losses[0]:.6f} and {losses[1]:.6f}: {'identical' if losses[0] == losses[1] else 'DIFFERENT'}"
 

@@ -19,4 +19,12 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VENV/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check -r "$reqs"
   echo "$want" > "$stamp"
 fi
+# On an NVIDIA machine, background removal runs on the GPU with onnxruntime-gpu. It and onnxruntime
+# share one package folder, so exactly one of them may be installed.
+if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
+    && ! "$VENV/bin/python" -m pip show onnxruntime-gpu >/dev/null 2>&1; then
+  echo "== NVIDIA GPU found: onnxruntime-gpu instead of onnxruntime"
+  "$VENV/bin/python" -m pip uninstall -q -y onnxruntime
+  "$VENV/bin/python" -m pip install -q --no-cache-dir --disable-pip-version-check onnxruntime-gpu
+fi
 "$VENV/bin/python" tools/fetch_models.py
