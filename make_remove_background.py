@@ -10,9 +10,11 @@ Exit codes: 0 all done; 1 finished, but some inputs were skipped (not images, co
 class folder, or no object found: each named on stderr, then a summary line); 2 nothing done
 (bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes).
 
-No object found: when the share of pixels the mask calls object (mask > 127) is below --min-fg
-or above --max-fg, the file is skipped (counted as degenerate, exit 1), or with --fallback copy
-the original photo is written instead (named on stderr, not a skip).
+No object found, or found unsure: when the share of pixels the mask calls object (mask > 127) is
+below --min-fg or above --max-fg, or when the mask is unsure of the object (of the pixels it touches,
+fewer than --min-confidence are clearly object: composited, the object would be a faint ghost), the
+file is skipped (counted as degenerate, exit 1), or with --fallback copy the original photo is
+written instead (named on stderr, not a skip).
 """
 from pathlib import Path
 
@@ -47,12 +49,15 @@ def build_parser():
     p.add_argument("--alpha-matting", action="store_true", help="refine edges with rembg's alpha matting (slow)")
     p.add_argument("--post-process-mask", action="store_true",
                    help="rembg's mask clean-up (morphological opening + smoothing, binary mask)")
-    p.add_argument("--min-fg", type=cli.share, default=0.02,
+    p.add_argument("--min-fg", type=cli.share, default=background.MIN_FG,
                    help="below this share of object pixels (mask > 127) the object was not found")
-    p.add_argument("--max-fg", type=cli.share, default=0.98,
+    p.add_argument("--max-fg", type=cli.share, default=background.MAX_FG,
                    help="above this share of object pixels the object was not found")
+    p.add_argument("--min-confidence", type=cli.share, default=background.MIN_CONFIDENCE,
+                   help="below this share of sure pixels (mask >= 90 %% of those >= 10 %%) the mask is unsure "
+                        "and the object would come out as a ghost; 0 turns the check off")
     p.add_argument("--fallback", choices=["skip", "copy"], default="skip",
-                   help="when no object is found: skip the file, or write the original photo")
+                   help="when no object is found, or it is found unsure: skip the file, or write the original photo")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG here: originals beside their BR images")
     p.add_argument("--preview-count", type=cli.positive_int, default=12, help="how many images the preview shows")

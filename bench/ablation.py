@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smalldata.images import list_files  # noqa: E402
+from smalldata.folders import list_files  # noqa: E402
 
 CONFIGS = {  # name: (label, stage-1 flags, stage-1 run it belongs to, 1e-7 stage?)
     "a": ("originals", ["--no-br", "--no-ocm"], "a", False),

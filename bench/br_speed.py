@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from smalldata.images import list_files  # noqa: E402
+from smalldata.folders import list_files  # noqa: E402
 from smalldata.rembg_api import find_model  # noqa: E402
 
 

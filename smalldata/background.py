@@ -28,6 +28,11 @@ AUTO_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 
 AUTO_CLOSE = 80  # RGB distance under which a pixel "looks like" the background
 AUTO_GOOD = 0.02  # a colour that at most this share of the object looks like is good enough: the plainest wins
 COLORS_CSV = "bg_colors.csv"  # with --bg-color auto: the colour each output got
+MIN_FG, MAX_FG = 0.02, 0.98  # the area guard's defaults: below or above, no object was found
+# Mask confidence (see mask_confidence): the pixels a mask touches, those it is sure of, and the
+# share of sure pixels below which the BR image would be a half-transparent ghost (measured in bench/mask_confidence.py).
+TOUCHED, SURE = 26, 230  # 10 % and 90 % of 255
+MIN_CONFIDENCE = 0.5
 
 
 def parse_color(text):
@@ -155,11 +160,24 @@ def foreground_fraction(mask):
     return float((np.asarray(mask) > 127).mean())
 
 
+def mask_confidence(mask):
+    """Of the pixels the mask touches (>= 10 %), the share it is sure of (>= 90 %).
+
+    A clear object is sure inside with a thin unsure edge: 0.7..0.95. An object the model is unsure
+    of sits at mid values (a crate of fruit, a flower bed): composited it becomes a faint ghost on the
+    plain background, which the area guard passes. Low confidence catches it.
+    """
+    mask = np.asarray(mask)
+    touched = int((mask >= TOUCHED).sum())
+    return float((mask >= SURE).sum() / touched) if touched else 0.0
+
+
 def auto_color(img, mask):
     """A plain colour far from the object's own: the first of AUTO_COLORS (white, black, gray, then
     saturated ones) that at most AUTO_GOOD of the object pixels lie close to, else the one the fewest do.
-    A white shirt goes on black, a green leaf not on green."""
-    pixels = np.asarray(img).reshape(-1, 3)[np.asarray(mask).reshape(-1) > 127].astype(np.int32)
+    A white shirt goes on black, a green leaf not on green. Object pixels are all the mask touches,
+    faint ones too: a daisy's white petals the mask is unsure of must not go onto white."""
+    pixels = np.asarray(img).reshape(-1, 3)[np.asarray(mask).reshape(-1) >= TOUCHED].astype(np.int32)
     if not len(pixels):
         return AUTO_COLORS["white"]
     close = {c: (np.square(pixels - c).sum(1) < AUTO_CLOSE ** 2).mean() for c in AUTO_COLORS.values()}
@@ -183,6 +201,18 @@ def composite(img, mask, bg, keep_alpha=False, alpha_matting=False):
     return out
 
 
+def unusable_mask(mask, opt):
+    """Why the mask makes no usable BR image (no object found, or found unsure), or None."""
+    fg = foreground_fraction(mask)
+    if not opt.min_fg <= fg <= opt.max_fg:
+        return f"no object found: foreground {fg:.2%} is outside --min-fg {opt.min_fg:.0%} .. --max-fg {opt.max_fg:.0%}"
+    confidence = mask_confidence(mask)
+    if confidence < opt.min_confidence:
+        return (f"unsure mask: only {confidence:.0%} of the pixels it touches are clearly object "
+                f"(--min-confidence {opt.min_confidence:.0%}); the object would be a faint ghost")
+    return None
+
+
 def remove_background(job, session, opt):
     """Do one job. Returns (status, note, background colour); status is done, degenerate or copied.
 
@@ -192,10 +222,8 @@ def remove_background(job, session, opt):
     auto = opt.bg_color == "auto"
     img = open_rgb(src, background=COLORS["white"] if auto else opt.bg_color)  # upright 8-bit RGB, any format
     mask = rembg_api.predict_mask(session, img, opt.post_process_mask)
-    fg = foreground_fraction(mask)
-    if not opt.min_fg <= fg <= opt.max_fg:
-        why = (f"no object found: foreground {fg:.2%} is outside "
-               f"--min-fg {opt.min_fg:.0%} .. --max-fg {opt.max_fg:.0%}")
+    why = unusable_mask(mask, opt)
+    if why:
         if opt.fallback == "copy":
             files.save_image(img, out, compress_level=opt.png_level)
             return "copied", why + "; original copied (--fallback copy)", None

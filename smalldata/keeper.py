@@ -87,12 +87,16 @@ class Keeper:
 
     def save_last(self, epoch, training_state, finished=False):
         """last.pth (weights, optimizer, RNG, history) and the epoch files it needs, at most every
-        LAST_EVERY_S seconds unless `finished`; skipped, rather than queued, while the disk is behind."""
+        LAST_EVERY_S seconds unless `finished`; skipped, rather than queued, while the disk is behind.
+        A finished stage's last.pth leaves the optimizer state out: 1 GB less per stage for VGG-13, and
+        only extending a finished run with more --epochs would use it (Adam then starts afresh)."""
         due = time.monotonic() - self.last_saved_at >= LAST_EVERY_S
         if not finished and (not due or self.writer.busy("last")):
             return
         self.last_saved_at = time.monotonic()
         state = checkpoint.model_state(training_state.pop("model"))
+        if finished:
+            training_state.update(optimizer=None, scaler=None)
         ckpt = self.make(epoch, state, kept_epochs=sorted(self.kept), finished=finished, **training_state)
         # (the newest epoch's weights are in last.pth itself; a finished run also gets its file, for the named links)
         epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.epoch_path(e).exists()}

@@ -82,8 +82,8 @@ def previous_run(args, stage_dir):
     if path is None:
         return None
     ckpt = checkpoint.load(path)
-    if "optimizer" not in ckpt or "history" not in ckpt:
-        raise UsageError(f"{path} has no optimizer state: --resume takes a last.pth; "
+    if "history" not in ckpt:
+        raise UsageError(f"{path} is not a last.pth (it has no training history): --resume takes a last.pth; "
                          "to start from a chosen epoch use --weights PATH (stage 1) or --init PATH (stage 2)")
     old = ckpt["args"]
     differ = [k for k in RUN_DEFINING if k in old and str(old[k]) != str(vars(args).get(k))]
@@ -158,7 +158,8 @@ class StageRun:
             self.keeper.restore(prev)
             self.history, self.state = list(prev["history"]), dict(prev["stage"])
             self.first_epoch = prev["epoch"] + 1
-            say(f"resuming after epoch {prev['epoch']} ({len(self.history)} epochs of history)")
+            say(f"resuming after epoch {prev['epoch']} ({len(self.history)} epochs of history)"
+                + ("" if prev.get("optimizer") else "; a finished stage keeps no Adam state, so Adam starts afresh"))
 
     def banner(self, weights_note, meta):
         a, classes = self.args, meta["classes"]

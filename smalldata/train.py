@@ -169,8 +169,10 @@ def training_state(loop, history, stage):
 
 
 def restore_training_state(loop, ckpt):
-    """Continue from a last.pth exactly: optimizer (in each parameter's memory layout), scaler, RNG."""
-    loop.optimizer.load_state_dict(ckpt["optimizer"])
+    """Continue from a last.pth exactly: optimizer (in each parameter's memory layout), scaler, RNG.
+    A finished stage's last.pth has no optimizer state (see Keeper.save_last): Adam then starts afresh."""
+    if ckpt.get("optimizer"):
+        loop.optimizer.load_state_dict(ckpt["optimizer"])
     for group in loop.optimizer.param_groups:  # a CPU-made state is NCHW; on the GPU parameters are NHWC
         for p in group["params"]:
             for key, value in loop.optimizer.state.get(p, {}).items():

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,14 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, run_script, skimage_photos, write_photo_set
-from smalldata.background import parse_color
+from smalldata.background import mask_confidence, parse_color, unusable_mask
 from smalldata.files import TEMP_MARK
 from smalldata.images import open_rgb
 
 SCRIPT = "make_remove_background.py"
 COLOR = (10, 200, 30)  # a colour no skimage photo is made of
-MODEL = ("--model", "u2netp")
+# u2netp is unsure of most of these small (80 px) photos; the confidence check has its own tests below
+MODEL = ("--model", "u2netp", "--min-confidence", "0")
 
 
 def pngs(root):
@@ -210,3 +212,28 @@ def test_parse_color():
     for bad in ("purple", "1,2", "0,0,256"):
         with pytest.raises(Exception):
             parse_color(bad)
+
+
+def test_an_unsure_mask_is_a_ghost_and_refused():
+    yy, xx = np.mgrid[:100, :100]
+    disk = (yy - 50) ** 2 + (xx - 50) ** 2 < 30 ** 2
+    sharp = np.where(disk, 255, 0).astype(np.uint8)
+    ghost = np.where(disk, 160, 0).astype(np.uint8)  # half-transparent everywhere: passes the area guard
+    opt = Namespace(min_fg=0.02, max_fg=0.98, min_confidence=0.5)
+    assert mask_confidence(sharp) == 1.0 and mask_confidence(ghost) == 0.0
+    assert unusable_mask(sharp, opt) is None
+    assert "unsure mask" in unusable_mask(ghost, opt) and "ghost" in unusable_mask(ghost, opt)
+    assert unusable_mask(ghost, Namespace(**{**vars(opt), "min_confidence": 0.0})) is None  # 0: check off
+    assert "no object found" in unusable_mask(np.zeros((100, 100), np.uint8), opt)
+
+
+def test_min_confidence_refuses_real_masks_by_name(tmp_path):
+    train, dst = tmp_path / "train", tmp_path / "br"
+    (train / "cat").mkdir(parents=True)
+    photo("chelsea").save(train / "cat" / "cat.jpg")
+    # every real mask has a soft edge band, so no mask is 100 % sure
+    proc = run_script(SCRIPT, "--src", train, "--dst", dst, *MODEL, "--min-confidence", "1", "--fallback", "copy",
+                      check=0)
+    note = next(line for line in proc.stdout.splitlines() if "cat.jpg" in line)
+    assert "unsure mask" in note and "original copied" in note
+    assert pngs(dst) == [Path("cat/cat.png")]

@@ -44,7 +44,7 @@ def steps(cfg, data, out, weights):
     return [
         # The demo's garments are light on black: on the default white they would vanish, so each photo
         # gets the plain colour farthest from its own (--bg-color auto). Tiny 28 px photos where u2netp
-        # finds no object are copied as they are (--fallback copy) and named.
+        # finds no object in, or is unsure of, are copied as they are (--fallback copy) and named.
         ("background removal", py + [REPO / "make_remove_background.py", "--src", data / "train",
                                      "--dst", data / "br", "--model", "u2netp", "--fallback", "copy",
                                      "--bg-color", "auto", "--preview", out / "br_preview.png"]),
