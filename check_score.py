@@ -31,6 +31,8 @@ def build_parser():
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the softmax of each image and its mirror image")
     p.add_argument("--mistakes", type=cli.positive_int, default=48, help="at most this many wrong images in mistakes.png")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode every photo even when training left a decode cache of them in <data>/.cache/")
     cli.add_device_arg(p)
     return p
 

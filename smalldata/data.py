@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cache
 from .cli import UsageError
 from .folders import check_same_classes, empty_classes, find_classes, scan_labelled
 from .images import BadImage, decode_many, open_rgb, resize_square
@@ -22,25 +23,42 @@ def decode_one(path, img_size):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_images(samples, img_size, problems, desc="decode"):
-    """Decode (path, label) samples into (uint8 N,3,S,S tensor, int64 labels); bad files go to `problems`."""
-    images, labels = [], []
+def load_images(samples, img_size, problems, desc="decode", cache_root=None):
+    """Decode (path, label) samples into (uint8 N,3,S,S tensor, int64 labels); bad files go to `problems`.
+    With `cache_root` (the labelled folder the samples come from), the decoded array is read from, or
+    written to, that folder's decode cache (cache.py). Returns the tensors and how they were
+    had: "from cache", "decoded and cached" or "decoded"."""
+    hit = cache.load(cache_root, samples, img_size) if cache_root is not None else None
+    if hit is not None:
+        array, bad = hit
+        for text in bad.values():
+            problems.skip(text)
+        labels = [label for path, label in samples if cache.relative(cache_root, path) not in bad]
+        return torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
+    images, labels, bad = [], [], {}
     for (path, label), out in decode_many(samples, lambda s: decode_one(s[0], img_size), desc):
         if isinstance(out, BadImage):
             problems.skip(out)
+            if cache_root is not None:
+                bad[cache.relative(cache_root, path)] = str(out)
             continue
         images.append(out)
         labels.append(label)
-    if not images:
-        return torch.empty(0, 3, img_size, img_size, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
-    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
+    x = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
+    if cache_root is None:
+        return x, torch.tensor(labels, dtype=torch.long), "decoded"
+    cache.store(cache_root, samples, img_size, x.numpy(), bad)
+    return x, torch.tensor(labels, dtype=torch.long), "decoded and cached"
 
 
-def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None):
-    """Decode data/train (+ br, ocm), data/val and the --watch folder.
+def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
+                       use_cache=True):
+    """Decode data/train (+ br, ocm), data/val and the --watch folder (through each folder's decode
+    cache unless not `use_cache`).
 
-    Returns a dict: classes, counts per source, and (x, y) tensors for "orig" (the training
-    originals), "train" (originals + br + ocm), "val" and, with `watch`, "watch".
+    Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
+    and (x, y) tensors for "orig" (the training originals), "train" (originals + br + ocm), "val"
+    and, with `watch`, "watch".
     """
     root = Path(root)
     train_dir, val_dir = root / "train", root / "val"
@@ -70,10 +88,13 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
         if not samples:
             raise UsageError(f"{val_dir if name == 'val' else watch} holds no images")
 
-    decoded = {name: load_images(s, img_size, problems, f"decode {name}") for name, s in {**sources, **held_out}.items()}
+    folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}
+    decoded = {name: load_images(s, img_size, problems, f"decode {name}", Path(folders[name]) if use_cache else None)
+               for name, s in {**sources, **held_out}.items()}
     if not len(decoded["val"][1]) or not len(decoded["train"][1]):
         raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},
+            "how": {k: v[2] for k, v in decoded.items()},
             "orig": decoded["train"], **{k: decoded[k] for k in held_out},
             "train": tuple(torch.cat([decoded[n][i] for n in sources]) for i in (0, 1))}
 

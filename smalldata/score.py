@@ -7,10 +7,11 @@ check_score.py is the command-line entry point; run() does the work.
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, files, plots, runtime
+from . import cache, checkpoint, files, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -53,10 +54,23 @@ def scan(root, classes):
 
 # ----------------------------------------------------------------------------- prediction
 
-def decoded_batches(samples, img_size, batch_size, problems):
+def decoded_batches(samples, img_size, batch_size, problems, cache_root=None):
     """Yield (uint8 N,3,S,S, labels, paths) batches in file order; decoding runs ahead on a thread
     pool (images.decode_many), so it overlaps the model working on this batch. Unreadable files
-    are reported to `problems` and left out."""
+    are reported to `problems` and left out. When `cache_root` has a decode cache of exactly these
+    files at this size (training wrote it), its memory-mapped array is read instead."""
+    hit = cache.load(cache_root, samples, img_size, mmap=True) if cache_root is not None else None
+    if hit is not None:
+        say(f"decoded images: from {cache_root / cache.FOLDER}")
+        array, bad = hit
+        for text in bad.values():
+            problems.skip(text)
+        good = [(path, label) for path, label in samples if cache.relative(cache_root, path) not in bad]
+        for i in range(0, len(good), batch_size):
+            chunk = good[i:i + batch_size]
+            yield (torch.from_numpy(np.array(array[i:i + len(chunk)])), torch.tensor([lab for _, lab in chunk]),
+                   [path for path, _ in chunk])
+        return
     images, labels, paths = [], [], []
     decoded = decode_many(samples, lambda s: decode_one(s[0], img_size), "score", ahead=2 * batch_size)
     for k, ((path, label), out) in enumerate(decoded):
@@ -81,7 +95,8 @@ def class_probs(model, x, tta=False):
     return probs
 
 
-def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None):
+def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None,
+            cache_root=None):
     """Run `model` over `samples`. Returns a dict of labels, paths, top-k class indices and
     probabilities (CPU tensors, k = min(5, classes)), and the seconds it took."""
     problems = problems if problems is not None else Problems()
@@ -92,7 +107,7 @@ def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=F
     top_p, top_i, labels, paths = [], [], [], []
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
-        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems):
+        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems, cache_root):
             if device.type == "cuda":
                 batch = batch.pin_memory()
             probs = class_probs(model, norm(batch.to(device, non_blocking=True)), tta)
@@ -245,7 +260,8 @@ def run(args):
 
     problems = Problems()
     res = predict(model, samples, img_size=img_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
-                  batch_size=args.batch_size, tta=args.tta, problems=problems)
+                  batch_size=args.batch_size, tta=args.tta, problems=problems,
+                  cache_root=None if args.no_cache else data)
     if not res["n"]:
         raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
     say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")

@@ -37,6 +37,9 @@ def add_training_args(p, lr, epochs):
     p.add_argument("--watch", type=cli.existing_dir,
                    help="labelled folder (usually data/test) scored every epoch as watch_acc in metrics.csv, "
                         "for analysis only: no decision reads it")
+    p.add_argument("--no-cache", action="store_true",
+                   help="decode every photo instead of reading, or writing, each folder's decode cache "
+                        "(<folder>/.cache/: decoded once per image size, rebuilt when a file changes)")
     p.add_argument("--no-precise-bn", action="store_true",
                    help="measure with BatchNorm's running averages instead of statistics recomputed on the "
                         "training originals before each evaluation (for comparison only)")
@@ -167,6 +170,8 @@ class StageRun:
         say(f"{runtime.describe(self.loop.device, self.loop.amp)}, compile {'on' if a.compile else 'off'}")
         say(f"classes ({len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         say("images: " + ", ".join(f"{k} {v}" for k, v in self.data["counts"].items()) + f" at {meta['img_size']} px")
+        say("decoded images: " + ", ".join(f"{k} {v}" for k, v in self.data["how"].items())
+            + ("" if a.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a file changes)"))
         say(f"model {meta['arch']} {count_parameters(self.loop.model):,} parameters; {weights_note}; Adam lr "
             f"{a.lr:g}, weight decay {a.weight_decay:g}, batch {a.batch_size}, epochs {self.first_epoch}..{a.epochs}")
         say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if a.no_precise_bn else
@@ -215,7 +220,7 @@ def open_stage(args, stage_dir, title, prev, init=None):
     source = prev or init
     img_size = source["img_size"] if source else args.img_size
     data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
-                              not args.no_ocm, args.watch)
+                              not args.no_ocm, args.watch, not args.no_cache)
     if source:
         model = checkpoint.build_from(source, args.resume or stage_dir / "last.pth" if prev else args.init)
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}

@@ -157,6 +157,8 @@ def test_two_stages_write_every_file_of_the_contract(data_with_extras, tmp_path)
     r2 = run_script("model_1e-7_ep20.py", "--data", data_with_extras, "--out", out, "--epochs", "2",
                     "--batch-size", "8", "--device", "cpu", check=0)
     assert "start (ep 0)" in r2.stdout
+    assert "decoded images: " + ", ".join(f"{k} decoded and cached" for k in ("train", "br", "ocm", "val")) in r1.stdout
+    assert "decoded images: " + ", ".join(f"{k} from cache" for k in ("train", "br", "ocm", "val")) in r2.stdout
     for name in ("1e-7/metrics.csv", "1e-7/curves.png", "1e-7/last.pth", "final.pth"):
         assert (out / name).is_file(), name
     assert [r["epoch"] for r in read_metrics(out / "1e-7/metrics.csv")] == ["0", "1", "2"]

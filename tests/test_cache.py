@@ -1,0 +1,77 @@
+"""The decode cache (smalldata/cache.py) on real photo files: read back equal, rebuilt only on change."""
+import os
+from pathlib import Path
+
+import torch
+
+from conftest import write_photo_set
+from smalldata import IMAGENET_MEAN, IMAGENET_STD, cache
+from smalldata.cli import Problems
+from smalldata.data import load_images
+from smalldata.folders import list_files, scan_labelled
+from smalldata.model import build_model
+from smalldata.score import predict
+
+
+def load(folder, img_size=24):
+    problems = Problems()
+    samples, _ = scan_labelled(folder)
+    x, y, how = load_images(samples, img_size, problems, cache_root=folder)
+    return x, y, how, problems.items
+
+
+def cache_files(folder):
+    return sorted(p.name for p in (Path(folder) / cache.FOLDER).iterdir())
+
+
+def test_the_cache_reads_back_what_decoding_gave_and_is_rebuilt_only_when_a_file_changes(tmp_path):
+    folder = write_photo_set(tmp_path / "train", per_class=2, size=40)
+    (folder / "coffee" / "broken.jpg").write_bytes(b"not a photo")
+    x1, y1, how1, bad1 = load(folder)
+    x2, y2, how2, bad2 = load(folder)
+    assert (how1, how2) == ("decoded and cached", "from cache")
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 8
+    assert len(bad1) == 1 and bad1 == bad2 and "broken.jpg" in bad2[0]  # a bad file is named on every run
+    assert not any(cache.FOLDER in p.parts for p in list_files(folder))  # never read as a photo
+    first = cache_files(folder)
+
+    assert load(folder, img_size=16)[2] == "decoded and cached"  # another size: its own cache
+    assert load(folder)[2] == "from cache"
+
+    photo = folder / "chelsea" / "chelsea_001.jpg"
+    os.utime(photo, ns=(photo.stat().st_atime_ns, photo.stat().st_mtime_ns + 10**9))  # the photo was edited
+    x3, _, how3, _ = load(folder)
+    assert how3 == "decoded and cached" and torch.equal(x3, x1)  # (same pixels: only the time changed)
+    after = cache_files(folder)
+    assert not set(first) & set(after)  # the old 24 px cache was replaced...
+    assert [n[:4] for n in after] == ["16px", "16px", "24px", "24px"]  # ...and the 16 px one kept
+
+    (folder / "rocket" / "rocket_000.jpg").unlink()  # a photo removed
+    x4, y4, how4, _ = load(folder)
+    assert how4 == "decoded and cached" and len(y4) == 7
+
+
+def test_a_damaged_cache_is_decoded_again(tmp_path):
+    folder = write_photo_set(tmp_path / "val", per_class=1, size=40)
+    x1, _, _, _ = load(folder)
+    for npy in (folder / cache.FOLDER).glob("*.npy"):
+        npy.write_bytes(b"\x93NUMPY half")
+    x2, _, how, _ = load(folder)
+    assert how == "decoded and cached" and torch.equal(x1, x2)
+
+
+def test_scoring_reads_the_cache_that_training_wrote(tmp_path, capsys):
+    folder = write_photo_set(tmp_path / "val", per_class=2, size=40)
+    (folder / "coffee" / "broken.jpg").write_bytes(b"not a photo")
+    load(folder, img_size=32)  # as a training stage does
+    samples, _ = scan_labelled(folder)
+    model = build_model("resnet18", 4).eval()
+    kwargs = dict(img_size=32, mean=IMAGENET_MEAN, std=IMAGENET_STD, device=torch.device("cpu"), batch_size=3)
+    plain_problems, cached_problems = Problems(), Problems()
+    plain = predict(model, samples, problems=plain_problems, **kwargs)
+    assert "decoded images: from" not in capsys.readouterr().out
+    cached = predict(model, samples, problems=cached_problems, cache_root=folder, **kwargs)
+    assert "decoded images: from" in capsys.readouterr().out
+    assert plain["paths"] == cached["paths"] and len(plain["paths"]) == 8
+    assert torch.equal(plain["top_i"], cached["top_i"]) and torch.equal(plain["top_p"], cached["top_p"])
+    assert len(plain_problems.items) == len(cached_problems.items) == 1
