@@ -114,7 +114,8 @@ def main():
         path, mask = args.photos / r["file"], masks[r["file"]]
         caption = [r["class"][:18], f"conf {r['confidence']:.2f} fg {r['fg']:.0%}"]
         refused_ = r["confidence"] < args.min_confidence
-        out = [(open_rgb(path), caption), (Image.fromarray(mask), ["mask"]), (br_image(path, mask), ["BR, area guard only"])]
+        out = [(open_rgb(path), caption), (Image.fromarray(mask), ["mask"]),
+               (br_image(path, mask), ["BR, area guard only"])]
         if after:
             out[1] = (open_rgb(path) if refused_ else br_image(path, mask),
                       [("refused: original", "firebrick") if refused_ else "BR (kept)"])

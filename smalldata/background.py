@@ -29,8 +29,8 @@ AUTO_CLOSE = 80  # RGB distance under which a pixel "looks like" the background
 AUTO_GOOD = 0.02  # a colour that at most this share of the object looks like is good enough: the plainest wins
 COLORS_CSV = "bg_colors.csv"  # with --bg-color auto: the colour each output got
 MIN_FG, MAX_FG = 0.02, 0.98  # the area guard's defaults: below or above, no object was found
-# Mask confidence (see mask_confidence): the pixels a mask touches, those it is sure of, and the
-# share of sure pixels below which the BR image would be a half-transparent ghost (measured in bench/mask_confidence.py).
+# Mask confidence (see mask_confidence): the pixels a mask touches, those it is sure of, and the share
+# of sure pixels below which the BR image would be a half-transparent ghost (bench/mask_confidence.py).
 TOUCHED, SURE = 26, 230  # 10 % and 90 % of 255
 MIN_CONFIDENCE = 0.5
 

@@ -1,11 +1,15 @@
-"""Image sets in memory, and augmentation on the training device.
+"""Image sets for training, and augmentation on the training device.
 
-The data are small, so each photo is decoded once, squeezed to img_size x img_size and
-kept as uint8 (900 photos at 256 px are 177 MB). Batches are cut from that tensor on the
-training device and augmented there with one affine grid_sample per batch, so the GPU is
-never waiting on a DataLoader.
+Each photo is decoded once, squeezed to img_size x img_size and kept as uint8 (900 photos at
+256 px are 177 MB), in its folder's decode cache (cache.py). A set that fits (the usual small
+data) lives whole on the training device: batches are cut there and augmented there with one
+affine grid_sample per batch, so the GPU never waits on a DataLoader. A larger one is streamed
+from the memory-mapped cache, a few batches ahead (placement, device_batches).
 """
 import math
+import os
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +27,19 @@ def decode_one(path, img_size):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_images(samples, img_size, problems, desc="decode", cache_root=None):
-    """Decode (path, label) samples into (uint8 N,3,S,S tensor, int64 labels); bad files go to `problems`.
+def load_images(samples, img_size, problems, desc="decode", cache_root=None, mmap=False):
+    """Decode (path, label) samples into (uint8 N,3,S,S images, int64 labels); bad files go to `problems`.
     With `cache_root` (the labelled folder the samples come from), the decoded array is read from, or
-    written to, that folder's decode cache (cache.py). Returns the tensors and how they were
-    had: "from cache", "decoded and cached" or "decoded"."""
-    hit = cache.load(cache_root, samples, img_size) if cache_root is not None else None
+    written to, that folder's decode cache (cache.py); with `mmap` as well, the images are the cache's
+    memory-mapped numpy array rather than a tensor in RAM. Returns the images, the labels and how they
+    were had: "from cache", "decoded and cached" or "decoded"."""
+    hit = cache.load(cache_root, samples, img_size, mmap) if cache_root is not None else None
     if hit is not None:
         array, bad = hit
         for text in bad.values():
             problems.skip(text)
         labels = [label for path, label in samples if cache.relative(cache_root, path) not in bad]
-        return torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
+        return array if mmap else torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
     images, labels, bad = [], [], {}
     for (path, label), out in decode_many(samples, lambda s: decode_one(s[0], img_size), desc):
         if isinstance(out, BadImage):
@@ -48,17 +53,19 @@ def load_images(samples, img_size, problems, desc="decode", cache_root=None):
     if cache_root is None:
         return x, torch.tensor(labels, dtype=torch.long), "decoded"
     cache.store(cache_root, samples, img_size, x.numpy(), bad)
-    return x, torch.tensor(labels, dtype=torch.long), "decoded and cached"
+    stored = cache.load(cache_root, samples, img_size, mmap=True) if mmap else None
+    return x if stored is None else stored[0], torch.tensor(labels, dtype=torch.long), "decoded and cached"
 
 
 def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
-                       use_cache=True):
+                       use_cache=True, device=torch.device("cpu"), data_on="auto"):
     """Decode data/train (+ br, ocm), data/val and the --watch folder (through each folder's decode
-    cache unless not `use_cache`).
+    cache unless not `use_cache`), and place them for `device` (see placement).
 
     Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
-    and (x, y) tensors for "orig" (the training originals), "train" (originals + br + ocm), "val"
-    and, with `watch`, "watch".
+    where the images are and why, and (images, labels) for "orig" (the training originals), "train"
+    (originals + br + ocm), "val" and, with `watch`, "watch". Labels are on `device`; images are a
+    uint8 tensor there, or host arrays that device_batches streams from.
     """
     root = Path(root)
     train_dir, val_dir = root / "train", root / "val"
@@ -88,15 +95,110 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
         if not samples:
             raise UsageError(f"{val_dir if name == 'val' else watch} holds no images")
 
+    # (the originals count twice: alone for measuring, and in the training set)
+    n = sum(len(s) for s in sources.values()) + len(originals) + sum(len(s) for s in held_out.values())
+    on_device, where = placement(n * 3 * img_size * img_size, device, data_on, use_cache)
     folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}
-    decoded = {name: load_images(s, img_size, problems, f"decode {name}", Path(folders[name]) if use_cache else None)
+    decoded = {name: load_images(s, img_size, problems, f"decode {name}", Path(folders[name]) if use_cache else None,
+                                 mmap=not on_device)
                for name, s in {**sources, **held_out}.items()}
     if not len(decoded["val"][1]) or not len(decoded["train"][1]):
         raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")
+
+    def place(parts):
+        images = [torch.as_tensor(np.asarray(decoded[p][0])) for p in parts] if on_device else \
+            [decoded[p][0] for p in parts]
+        labels = torch.cat([decoded[p][1] for p in parts]).to(device)
+        if on_device:
+            return torch.cat(images).to(device), labels
+        return (images[0] if len(images) == 1 else Stacked(images)), labels
+
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},
-            "how": {k: v[2] for k, v in decoded.items()},
-            "orig": decoded["train"], **{k: decoded[k] for k in held_out},
-            "train": tuple(torch.cat([decoded[n][i] for n in sources]) for i in (0, 1))}
+            "how": {k: v[2] for k, v in decoded.items()}, "where": where,
+            "orig": place(["train"]), **{k: place([k]) for k in held_out}, "train": place(list(sources))}
+
+
+# Share of free memory the whole data set may take on the device with --data-on auto: the rest is
+# for the model, its activations and the optimizer (GPU), or for everything else (RAM).
+DEVICE_SHARE = 0.5
+
+
+def available_memory(device):
+    """Free bytes on `device`: the GPU's free memory, or the RAM the kernel says is available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def placement(nbytes, device, data_on, use_cache):
+    """(whole set on the device?, a line for the banner saying where and why)."""
+    free = available_memory(device)
+    memory = "GPU memory" if device.type == "cuda" else "RAM"
+    size = f"{nbytes / 2**30:.2f} GB of decoded images"
+    if data_on == "device" or (data_on == "auto" and nbytes <= DEVICE_SHARE * free):
+        why = "--data-on device" if data_on == "device" else \
+            f"{nbytes / free:.0%} of the {free / 2**30:.0f} GB free, under --data-on auto's {DEVICE_SHARE:.0%}"
+        return True, f"{size} in {memory} ({why}); batches are cut there"
+    why = "--data-on stream" if data_on == "stream" else \
+        f"over {DEVICE_SHARE:.0%} of the {free / 2**30:.0f} GB of {memory} free (--data-on auto)"
+    source = "memory-mapped from the decode cache" if use_cache else "from RAM (--no-cache: nothing to map)"
+    return False, (f"{size} streamed, {source} ({why}); a background thread gathers each batch"
+                   + (" into pinned memory" if device.type == "cuda" else ""))
+
+
+class Stacked:
+    """Several uint8 arrays (N_i,3,S,S) read as one, without copying them together (maps stay maps)."""
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+        self.starts = np.cumsum([0] + [len(a) for a in arrays])
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx):
+        """The images at the sorted or unsorted int array `idx`, in that order, as one array."""
+        which = np.searchsorted(self.starts, idx, side="right") - 1
+        out = np.empty((len(idx), *self.arrays[0].shape[1:]), np.uint8)
+        for k, array in enumerate(self.arrays):
+            chosen = which == k
+            if chosen.any():
+                out[chosen] = array[idx[chosen] - self.starts[k]]
+        return out
+
+
+PREFETCH = 3  # streamed batches gathered ahead of the one in use
+
+
+def device_batches(images, order, device_order, device):
+    """The uint8 batches images[idx], on `device`, for the CPU index tensors in `order`.
+
+    Images on the device are cut there with the same indices already copied (`device_order`).
+    Streamed images (a host tensor, a memory map, Stacked) are gathered PREFETCH batches ahead on a
+    background thread (numpy's copy releases the GIL), into pinned memory on a GPU, and each is copied
+    without blocking, so the GPU does not wait on the disk or the gather.
+    """
+    if torch.is_tensor(images) and images.device == device:
+        for idx in device_order:
+            yield images[idx]
+        return
+    pin = device.type == "cuda"
+
+    def gather(idx):
+        batch = images[idx] if torch.is_tensor(images) else torch.from_numpy(images[idx.numpy()])
+        return batch.pin_memory() if pin else batch
+
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as pool:
+        ahead = deque(pool.submit(gather, idx) for idx in order[:PREFETCH])
+        for i in range(len(order)):
+            batch = ahead.popleft().result()
+            if i + PREFETCH < len(order):
+                ahead.append(pool.submit(gather, order[i + PREFETCH]))
+            yield batch.to(device, non_blocking=True)
 
 
 class Normalize:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, plots, recipe, runtime
 from .cli import UsageError, say
-from .data import load_training_data
+from .data import DEVICE_SHARE, load_training_data
 from .folders import refuse_overlap
 from .keeper import Keeper
 from .model import build_model, count_parameters, imagenet_available
@@ -40,6 +40,11 @@ def add_training_args(p, lr, epochs):
     p.add_argument("--no-cache", action="store_true",
                    help="decode every photo instead of reading, or writing, each folder's decode cache "
                         "(<folder>/.cache/: decoded once per image size, rebuilt when a file changes)")
+    p.add_argument("--data-on", choices=["auto", "device", "stream"], default="auto",
+                   help="device: the whole decoded set in the training device's memory (GPU memory, or RAM on "
+                        "a CPU), batches cut there; stream: batches read from the memory-mapped decode cache a "
+                        f"few ahead; auto: device when the set takes under {100 * DEVICE_SHARE:.0f}%% of the free "
+                        "memory")
     p.add_argument("--no-precise-bn", action="store_true",
                    help="measure with BatchNorm's running averages instead of statistics recomputed on the "
                         "training originals before each evaluation (for comparison only)")
@@ -171,7 +176,9 @@ class StageRun:
         say(f"classes ({len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         say("images: " + ", ".join(f"{k} {v}" for k, v in self.data["counts"].items()) + f" at {meta['img_size']} px")
         say("decoded images: " + ", ".join(f"{k} {v}" for k, v in self.data["how"].items())
-            + ("" if a.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a file changes)"))
+            + ("" if a.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a "
+                                     "file changes)"))
+        say(f"data: {self.data['where']}")
         say(f"model {meta['arch']} {count_parameters(self.loop.model):,} parameters; {weights_note}; Adam lr "
             f"{a.lr:g}, weight decay {a.weight_decay:g}, batch {a.batch_size}, epochs {self.first_epoch}..{a.epochs}")
         say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if a.no_precise_bn else
@@ -220,7 +227,7 @@ def open_stage(args, stage_dir, title, prev, init=None):
     source = prev or init
     img_size = source["img_size"] if source else args.img_size
     data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
-                              not args.no_ocm, args.watch, not args.no_cache)
+                              not args.no_ocm, args.watch, not args.no_cache, device_amp[0], args.data_on)
     if source:
         model = checkpoint.build_from(source, args.resume or stage_dir / "last.pth" if prev else args.init)
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from . import runtime
 from .cli import say
-from .data import Augment, Normalize, batch_order
+from .data import Augment, Normalize, batch_order, device_batches
 from .keeper import host_state
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
@@ -52,22 +52,25 @@ def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, se
                 torch.Generator().manual_seed(seed), compile, precise_bn)
 
 
-def train_epoch(loop, x_all, y_all, desc="train"):
-    """One pass over the training tensor with augmentation; returns (loss, acc %, images/s).
+def train_epoch(loop, x_all, y_all, desc="train", steps=None):
+    """One pass over the training images with augmentation; returns (loss, acc %, images/s).
 
     The last partial batch is dropped (see batch_order). Images/s leave out the first step,
-    which holds torch.compile's compilation and cuDNN's kernel search.
+    which holds torch.compile's compilation and cuDNN's kernel search. `steps` stops early
+    (benchmarks only).
     """
     loop.model.train()
     batches = batch_order(len(y_all), loop.batch_size, loop.generator, drop_last=True)
+    if steps is not None:
+        batches = batches[:steps]
     sizes = [len(b) for b in batches]
     order = torch.cat(batches).to(loop.device, non_blocking=True).split(sizes)  # one copy per epoch
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.long)
     start = shown = time.perf_counter()
     bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout)
-    for step, idx in enumerate(bar):
-        x, y = loop.norm(loop.augment(x_all[idx], loop.generator)), y_all[idx]
+    for step, (idx, x_uint8) in enumerate(zip(bar, device_batches(x_all, batches, order, loop.device))):
+        x, y = loop.norm(loop.augment(x_uint8, loop.generator)), y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
             logits = loop.step_model(x)
             loss = F.cross_entropy(logits, y)
@@ -92,9 +95,10 @@ def train_epoch(loop, x_all, y_all, desc="train"):
 
 def _batches(loop, x_all):
     """(device indices, normalised images) of each evaluation batch, in order."""
-    for idx in batch_order(len(x_all), 2 * loop.batch_size, shuffle=False):
-        idx = idx.to(loop.device, non_blocking=True)
-        yield idx, loop.norm(x_all[idx])
+    batches = batch_order(len(x_all), 2 * loop.batch_size, shuffle=False)
+    order = [idx.to(loop.device, non_blocking=True) for idx in batches]
+    for idx, x in zip(order, device_batches(x_all, batches, order, loop.device)):
+        yield idx, loop.norm(x)
 
 
 @torch.no_grad()

@@ -2,12 +2,13 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from conftest import write_photo_set
 from smalldata import IMAGENET_MEAN, IMAGENET_STD, cache
 from smalldata.cli import Problems
-from smalldata.data import load_images
+from smalldata.data import Stacked, device_batches, load_images, placement
 from smalldata.folders import list_files, scan_labelled
 from smalldata.model import build_model
 from smalldata.score import predict
@@ -75,3 +76,27 @@ def test_scoring_reads_the_cache_that_training_wrote(tmp_path, capsys):
     assert plain["paths"] == cached["paths"] and len(plain["paths"]) == 8
     assert torch.equal(plain["top_i"], cached["top_i"]) and torch.equal(plain["top_p"], cached["top_p"])
     assert len(plain_problems.items) == len(cached_problems.items) == 1
+
+
+def test_stacked_memory_maps_read_as_one_array_in_any_order(tmp_path):
+    rng = np.random.default_rng(0)
+    parts = [rng.integers(0, 256, (n, 3, 4, 4), dtype=np.uint8) for n in (5, 1, 7)]
+    maps = []
+    for k, part in enumerate(parts):
+        np.save(tmp_path / f"{k}.npy", part)
+        maps.append(np.load(tmp_path / f"{k}.npy", mmap_mode="r"))
+    whole, stacked = np.concatenate(parts), Stacked(maps)
+    idx = rng.permutation(13)
+    assert len(stacked) == 13 and np.array_equal(stacked[idx], whole[idx])
+    order = list(torch.from_numpy(idx).split(4))
+    batches = list(device_batches(stacked, order, order, torch.device("cpu")))  # streamed, 3 ahead
+    assert [len(b) for b in batches] == [4, 4, 4, 1]
+    assert torch.equal(torch.cat(batches), torch.from_numpy(whole[idx]))
+
+
+def test_auto_placement_keeps_a_small_set_on_the_device_and_streams_one_too_large():
+    cpu = torch.device("cpu")
+    assert placement(10 * 2**20, cpu, "auto", True)[0] is True
+    on_device, why = placement(10**15, cpu, "auto", True)  # a petabyte
+    assert on_device is False and "memory-mapped from the decode cache" in why and "--data-on auto" in why
+    assert placement(10**15, cpu, "device", True)[0] is True and placement(1, cpu, "stream", True)[0] is False

@@ -1,7 +1,6 @@
 """The two training stages: model, divergence rule, files of the contract, resume, refusals."""
 import csv
 import json
-import shutil
 
 import pytest
 import torch
@@ -296,3 +295,19 @@ def test_recorded_histories_the_new_rule_never_stops_early_and_keeps_as_well_as_
     assert not any(stats["new rule"]["early"])
     assert mean["new rule"] >= mean["best val"] - 2.0
     assert mean["new rule"] > mean["old rule"]
+
+
+def test_streaming_from_the_cache_trains_exactly_as_the_set_in_memory(data_with_extras, tmp_path):
+    args = ["--data", data_with_extras, "--epochs", "2", "--deterministic", "--arch", "resnet18", *SMALL]
+    ram = run_script("model_1e-4.py", *args, "--out", tmp_path / "a", "--data-on", "device", check=0)
+    streamed = run_script("model_1e-4.py", *args, "--out", tmp_path / "b", "--data-on", "stream", check=0)
+    assert "in RAM (--data-on device)" in ram.stdout
+    assert "streamed, memory-mapped from the decode cache (--data-on stream)" in streamed.stdout
+
+    def rows(folder):  # (timing aside)
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
+                for r in read_metrics(folder / "1e-4/metrics.csv")]
+
+    assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 2
+    wa, wb = (checkpoint.load(tmp_path / x / "1e-4/last.pth")["model"] for x in "ab")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
