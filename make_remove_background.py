@@ -6,6 +6,9 @@ learns the object rather than the scene. Every input file is either written, or 
 
     python make_remove_background.py --src data/train --dst data/br --model u2netp --preview br.png
 
+Many GPUs or machines: `torchrun --standalone --nproc_per_node=N make_remove_background.py ...`, or
+`--shard I/N` in N separate processes, each writing its own share into the same --dst.
+
 Exit codes: 0 all done; 1 finished, but some inputs were skipped (not images, corrupt, outside a
 class folder, or no object found: each named on stderr, then a summary line); 2 nothing done
 (bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes).
@@ -69,6 +72,10 @@ def build_parser():
                         "all cores on a GPU")
     p.add_argument("--workers", type=cli.nonnegative_int, default=0,
                    help="threads that decode, composite, encode and write around the model; 0 = auto")
+    p.add_argument("--shard", type=background.parse_shard, metavar="I/N",
+                   help="do only the I-th of N shares of the photos (0-based; by a checksum of each relative "
+                        "path, so N processes or machines split the work without overlap and write what one "
+                        "process would); under torchrun each worker takes its rank's share and its own GPU")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG compression (lossless at any level; 1 is fast, 9 is smallest)")
     return p

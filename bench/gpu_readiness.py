@@ -61,7 +61,7 @@ def with_and_without_keeper(args, loop, x, y, classes):
                 keeper.snapshot(loop.model, row, needed={epoch})
                 if every_epoch:
                     keeper.last_saved_at = -1e9
-                keeper.save_last(epoch, training_state(loop, [row], {}))
+                keeper.save_last(epoch, lambda optimizer: training_state(loop, [row], {}, optimizer))
         return sorted(rates)[len(rates) // 2]
 
     def kept(every_epoch):

@@ -9,14 +9,15 @@ import csv
 import errno
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from . import files, rembg_api
-from .cli import Problems, UsageError, available_cpus, say
+from . import cli, files, rembg_api, runtime
+from .cli import Problems, UsageError, available_cpus, rank, say
 from .folders import find_classes, is_junk, list_files, refuse_held_out, refuse_overlap
 from .images import BadImage, open_rgb
 from .plots import image_grid
@@ -103,7 +104,7 @@ def leftovers(dst, jobs, classes):
     dst = Path(dst)
     if not dst.is_dir():
         return []
-    wanted = {out for _, out, _ in jobs} | {dst / COLORS_CSV}
+    wanted = {out for _, out, _ in jobs} | set(dst.glob("bg_colors*.csv"))
     extra_classes = set(find_classes(dst)) - set(classes)
     return sorted(p for p in list_files(dst) if p not in wanted) + [dst / c for c in sorted(extra_classes)]
 
@@ -268,12 +269,12 @@ def write_preview(jobs, path, count, pairs_per_row=2):
     say(f"preview: {path}")
 
 
-def open_planned_session(opt):
+def open_planned_session(opt, gpu=0):
     """The session and its thread plan, made for the providers the session really runs on: when
     onnxruntime falls back from the GPU to the CPU, the CPU plan is used (and a warning says so)."""
     asked = choose_providers(opt.device, opt.providers)
     plan_ = thread_plan(asked, opt.threads, opt.workers)
-    session = rembg_api.open_session(opt.model, asked, *plan_[:2])
+    session = rembg_api.open_session(opt.model, asked, *plan_[:2], gpu=gpu)
     active = rembg_api.providers_of(session)
     if asked[0] not in active:
         say(f"warning: asked for {asked[0]} but onnxruntime runs on {', '.join(active)} (see its messages "
@@ -283,10 +284,33 @@ def open_planned_session(opt):
     return session, plan_
 
 
-def prepare(opt, problems):
-    """Check and plan: returns (all jobs, jobs still to do, classes, files outside a class folder)."""
+def parse_shard(text):
+    """--shard i/n -> (i, n), 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not i/n, e.g. 0/4") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"{text!r}: need 0 <= i < n")
+    return i, n
+
+
+def in_shard(src, root, shard):
+    """A stable split of the photos: by a checksum of the relative path, the same on every machine."""
+    return zlib.crc32(Path(src).relative_to(root).as_posix().encode()) % shard[1] == shard[0]
+
+
+def colors_csv(shard):
+    """bg_colors.csv, or a shard's own bg_colors.shard-I-of-N.csv (shards run at once, each writes its own)."""
+    return COLORS_CSV if shard is None else f"bg_colors.shard-{shard[0]}-of-{shard[1]}.csv"
+
+
+def prepare(opt, problems, shard=None):
+    """Check and plan: returns (all jobs, this shard's jobs, its jobs still to do, classes, files outside
+    a class folder)."""
     check_folders(opt.src, opt.dst)
-    jobs, stray, classes = plan(opt.src, opt.dst)
+    all_jobs, stray, classes = plan(opt.src, opt.dst)
+    jobs = [j for j in all_jobs if in_shard(j[0], opt.src, shard)] if shard else all_jobs
     for p in stray:
         problems.skip(p, "not inside a class folder; a BR image must keep its class")
     stale = files.remove_stale_temps(opt.dst)
@@ -300,23 +324,24 @@ def prepare(opt, problems):
                 "empty (training refuses an empty class)", file=sys.stderr)
     todo = jobs if opt.overwrite else [j for j in jobs if not j[1].exists()]
     existing = len(jobs) - len(todo)
-    say(f"{len(jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
+    say(f"{len(all_jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
+        + (f"shard {shard[0]}/{shard[1]}: {len(jobs)} of them; " if shard else "")
         + (f"{existing} already done in {opt.dst}, skipped (--overwrite redoes them); " if existing else "")
         + f"{len(todo)} to do")
-    extra = leftovers(opt.dst, jobs, classes)
+    extra = leftovers(opt.dst, all_jobs, classes)
     if extra:
         say(f"warning: {len(extra)} file(s)/folder(s) in {opt.dst} come from no file in {opt.src} "
             f"(e.g. {extra[0]}); delete them or use a fresh --dst so they do not reach training")
-    return jobs, todo, classes, stray
+    return all_jobs, jobs, todo, classes, stray
 
 
-def remove_all(todo, opt, problems):
+def remove_all(todo, opt, problems, gpu=0):
     """Run every job on the worker threads; returns ({status: count}, {output: colour}, seconds)."""
     from tqdm import tqdm
 
     counts, colors = dict(done=0, degenerate=0, copied=0, failed=0), {}
     t0 = time.time()
-    session, (threads, inferences, workers) = open_planned_session(opt)
+    session, (threads, inferences, workers) = open_planned_session(opt, gpu)
     say(f"model {opt.model}: onnxruntime providers {', '.join(rembg_api.providers_of(session))}; "
         f"{inferences} inference(s) at once with {threads} intra-op thread(s) each, {workers} worker "
         f"threads; loaded in {time.time() - t0:.1f} s")
@@ -324,7 +349,7 @@ def remove_all(todo, opt, problems):
     pool = ThreadPoolExecutor(workers, thread_name_prefix="br")
     try:
         futures = {pool.submit(remove_background, job, session, opt): job for job in todo}
-        with tqdm(total=len(todo), unit="img", dynamic_ncols=True) as bar:
+        with tqdm(total=len(todo), unit="img", dynamic_ncols=True, disable=rank() != 0) as bar:
             for fut in as_completed(futures):
                 src = futures[fut][0]
                 try:
@@ -348,9 +373,9 @@ def remove_all(todo, opt, problems):
     return counts, colors, time.time() - t0
 
 
-def write_colors(dst, jobs, colors):
+def write_colors(dst, jobs, colors, shard=None):
     """<dst>/bg_colors.csv: each output and the colour --bg-color auto gave it (earlier runs' rows kept)."""
-    path = Path(dst) / COLORS_CSV
+    path = Path(dst) / colors_csv(shard)
     rows = {}
     if path.is_file():
         with open(path, newline="", encoding="utf-8") as f:
@@ -361,12 +386,16 @@ def write_colors(dst, jobs, colors):
 
 
 def run(opt):
-    """The whole BR step; returns the exit code."""
+    """The whole BR step; returns the exit code. Under torchrun each worker takes the shard of its rank
+    (and the GPU of its local rank), reports its own files, and waits for the others at the end."""
+    rank, workers, local_rank = runtime.world()
+    shard = opt.shard or ((rank, workers) if workers > 1 else None)
+    cli.WORKERS_SPEAK = workers > 1
     problems = Problems()
-    jobs, todo, classes, stray = prepare(opt, problems)
-    counts, colors, seconds = remove_all(todo, opt, problems) if todo else ({}, {}, 0.0)
+    all_jobs, jobs, todo, classes, stray = prepare(opt, problems, shard)
+    counts, colors, seconds = remove_all(todo, opt, problems, local_rank) if todo else ({}, {}, 0.0)
     if opt.bg_color == "auto":
-        write_colors(opt.dst, jobs, colors)
+        write_colors(opt.dst, jobs, colors, shard)
     counts = {k: counts.get(k, 0) for k in ("done", "degenerate", "copied", "failed")}
     processed = counts["done"] + counts["degenerate"] + counts["copied"]
     rate = processed / seconds if seconds else 0.0
@@ -375,9 +404,11 @@ def run(opt):
         + (f" ({counts['copied']} written as the original, --fallback copy)" if counts["copied"] else "")
         + f", failed {counts['failed']}, not in a class folder {len(stray)}; "
         f"{seconds:.1f} s, {rate:.2f} images/s (model load not counted) -> {opt.dst}")
-    if opt.preview:
-        write_preview(jobs, opt.preview, opt.preview_count)
     problems.summary()
+    if workers > 1:  # torchrun stops every worker when one exits non-zero: wait until all are done
+        runtime.barrier_cpu()
+    if opt.preview and (shard is None or shard[0] == 0):
+        write_preview(all_jobs, opt.preview, opt.preview_count)
     return problems.exit_code()
 
 

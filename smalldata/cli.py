@@ -18,11 +18,22 @@ class UsageError(Exception):
     """Nothing can be done: bad arguments, missing model or folders. The message says what to do."""
 
 
+def rank():
+    """This process's rank under torchrun (0 in a plain run). Only rank 0 prints and writes files."""
+    return int(os.environ.get("RANK", "0"))
+
+
+# Under torchrun only rank 0 speaks (training: all workers would say the same), unless the workers
+# each do their own part of the work (background removal's shards): then each speaks, named.
+WORKERS_SPEAK = False
+
+
 def say(msg, file=None):
     """Print without breaking an active tqdm bar."""
     from tqdm import tqdm
 
-    tqdm.write(str(msg), file=file or sys.stdout)
+    if rank() == 0 or WORKERS_SPEAK:
+        tqdm.write(f"[rank {rank()}] {msg}" if rank() else str(msg), file=file or sys.stdout)
 
 
 class Problems:
@@ -132,10 +143,11 @@ def run(main):
     """Run `main(argv) -> exit code` and exit with it; expected failures become one line and exit 2."""
     from .images import BadImage
 
+    where = f"[rank {rank()}] " if rank() else ""  # torchrun: a worker's own error names it
     try:
         code = main(sys.argv[1:])
     except (UsageError, BadImage) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"{where}error: {e}", file=sys.stderr)
         code = EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)

@@ -247,9 +247,11 @@ class Augment:
         factors = [uniform(1 - self.jitter, 1 + self.jitter) for _ in range(3)]
         return torch.stack(theta + factors, 1)
 
-    def __call__(self, x_uint8, generator):
+    def __call__(self, x_uint8, generator, params=None):
+        """Augment a batch with fresh random numbers, or with `params` from draw (a torchrun worker
+        uses its share of those drawn for the whole global batch, as one process would)."""
         n, dev = x_uint8.shape[0], x_uint8.device
-        params = self.draw(n, generator)
+        params = self.draw(n, generator) if params is None else params
         if dev.type == "cuda":  # one pinned, asynchronous copy per batch
             params = params.pin_memory()
         params = params.to(dev, non_blocking=True)

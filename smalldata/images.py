@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .cli import available_cpus
+from .cli import available_cpus, rank
 
 # Pillow's own limit (about 89 megapixels) warns; we refuse at that size instead,
 # since a decompression bomb can exhaust memory long before the error threshold.
@@ -99,7 +99,7 @@ def decode_many(items, work, desc="decode", ahead=64):
     try:
         for _ in range(ahead):
             submit()
-        with tqdm(total=len(items), desc=desc, unit="img", leave=False, disable=not items) as bar:
+        with tqdm(total=len(items), desc=desc, unit="img", leave=False, disable=not items or rank() != 0) as bar:
             while queue:
                 item, future = queue.popleft()
                 submit()

@@ -57,8 +57,11 @@ class Writer:
 
 
 class Keeper:
-    def __init__(self, stage_dir, meta, keep_all=False):
-        self.dir, self.meta, self.keep_all = Path(stage_dir), meta, keep_all
+    """`writes=False` (torchrun workers other than rank 0): the same bookkeeping of which epochs are
+    kept, so that every worker takes the same decisions, but no weights held and no files written."""
+
+    def __init__(self, stage_dir, meta, keep_all=False, writes=True):
+        self.dir, self.meta, self.keep_all, self.writes = Path(stage_dir), meta, keep_all, writes
         self.writer = Writer()
         self.kept = {}  # epoch -> (host weights, metrics row) of the epochs a decision may still pick
         self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
@@ -72,31 +75,36 @@ class Keeper:
 
     def snapshot(self, model, row, needed):
         """Keep a host copy of this epoch's weights; forget epochs no decision can pick any more."""
-        self.kept[row["epoch"]] = (checkpoint.model_state(model), dict(row))
+        self.kept[row["epoch"]] = (checkpoint.model_state(model) if self.writes else None, dict(row))
         for epoch in [e for e in self.kept if e not in needed | {row["epoch"]}]:
             del self.kept[epoch]
-        if self.keep_all:
+        if self.keep_all and self.writes:
             self.writer.submit(f"epoch {row['epoch']}", self._write_epoch, row["epoch"])
 
     def name(self, path, epoch):
         """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth)."""
+        if not self.writes:
+            return
         if epoch not in self.kept:
             raise checkpoint.CheckpointError(
                 f"the weights of epoch {epoch} are no longer kept (an interrupted run lost them); rerun with --fresh")
         self.writer.submit(str(path), self._write_named, Path(path), epoch, self.make(epoch))
 
-    def save_last(self, epoch, training_state, finished=False):
+    def save_last(self, epoch, state_of, finished=False):
         """last.pth (weights, optimizer, RNG, history) and the epoch files it needs, at most every
         LAST_EVERY_S seconds unless `finished`; skipped, rather than queued, while the disk is behind.
-        A finished stage's last.pth leaves the optimizer state out: 1 GB less per stage for VGG-13, and
-        only extending a finished run with more --epochs would use it (Adam then starts afresh)."""
+        `state_of(optimizer)` gives train.training_state, asked for only when a save is due: the host
+        copy of Adam's state (1 GB for VGG-13) is made only then, and the weights are this epoch's
+        snapshot, not copied again. A finished stage's last.pth leaves the optimizer state out: 1 GB
+        less per stage, and only extending a finished run with more --epochs would use it (Adam then
+        starts afresh)."""
         due = time.monotonic() - self.last_saved_at >= LAST_EVERY_S
-        if not finished and (not due or self.writer.busy("last")):
+        if not self.writes or not finished and (not due or self.writer.busy("last")):
             return
         self.last_saved_at = time.monotonic()
-        state = checkpoint.model_state(training_state.pop("model"))
-        if finished:
-            training_state.update(optimizer=None, scaler=None)
+        training_state = state_of(not finished)
+        model = training_state.pop("model")
+        state = self.kept[epoch][0] if epoch in self.kept else checkpoint.model_state(model)
         ckpt = self.make(epoch, state, kept_epochs=sorted(self.kept), finished=finished, **training_state)
         # (the newest epoch's weights are in last.pth itself; a finished run also gets its file, for the named links)
         epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.epoch_path(e).exists()}
@@ -106,12 +114,14 @@ class Keeper:
         """Continue after the epoch of a last.pth: reload the kept epochs it lists, and delete epoch
         files a killed run wrote past it."""
         folder = self.dir / "epochs"
-        for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() else []:
+        for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() and self.writes else []:
             if int(path.stem.split("_")[1]) > ckpt["epoch"]:
                 path.unlink()
         rows = {r["epoch"]: r for r in ckpt["history"]}
         for epoch in ckpt.get("kept_epochs", []):
-            if epoch == ckpt["epoch"]:
+            if not self.writes:
+                self.kept[epoch] = (None, rows.get(epoch, {}))
+            elif epoch == ckpt["epoch"]:
                 self.kept[epoch] = (ckpt["model"], rows.get(epoch, {}))
             elif self.epoch_path(epoch).exists():
                 self.kept[epoch] = (checkpoint.load(self.epoch_path(epoch))["model"], rows.get(epoch, {}))

@@ -138,7 +138,7 @@ def _gated(fn, gate):
     return gated
 
 
-def open_session(model, providers, threads, inferences):
+def open_session(model, providers, threads, inferences, gpu=0):
     """One rembg session for the whole run, letting at most `inferences` callers run the model at once
     (worker threads call predict concurrently, so rembg's resizes and our decoding overlap inference).
     A model that cannot be had offline -> UsageError."""
@@ -163,7 +163,8 @@ def open_session(model, providers, threads, inferences):
     # Idle intra-op threads would busy-wait between operators, taking the CPU the worker threads need.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = new_session(model, sess_opts=opts, providers=list(providers))
+        providers = [(p, {"device_id": gpu}) if p == "CUDAExecutionProvider" else p for p in providers]
+        session = new_session(model, sess_opts=opts, providers=providers)
     except Exception as e:
         raise UsageError(f"--model {model} could not be loaded: it is not available offline and could "
                          f"not be downloaded ({type(e).__name__}: {str(e)[:300]}). Use --model "

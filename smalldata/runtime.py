@@ -1,10 +1,59 @@
-"""Where and how the model runs: device, seeds, determinism and mixed precision, chosen once."""
+"""Where and how the model runs: device, seeds, determinism and mixed precision, chosen once; and,
+under torchrun, the process group (NCCL on GPUs, gloo on CPUs) and the few collectives training needs."""
 import contextlib
 import os
 
 import torch
+import torch.distributed as dist
 
 from .cli import UsageError
+
+
+def world():
+    """(rank, world size, local rank) as torchrun sets them; (0, 1, 0) in a plain run."""
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_sum(*values):
+    """Sum each scalar tensor over all workers (one collective); the tensors as they are in a plain run."""
+    if not distributed():
+        return values
+    stacked = torch.stack([v.double() for v in values])
+    dist.all_reduce(stacked)
+    return tuple(stacked.unbind())
+
+
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the block first (it writes the decode cache), the other workers after it (they read it)."""
+    if distributed() and not is_main():
+        dist.barrier()
+    yield
+    if distributed() and is_main():
+        dist.barrier()
+
+
+def barrier_cpu():
+    """Wait for every torchrun worker, without a GPU (background removal's workers; no time limit)."""
+    import datetime
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def teardown():
+    if distributed():
+        dist.destroy_process_group()
 
 
 def resolve_device(name):
@@ -35,8 +84,16 @@ def grad_scaler(dtype):
 
 
 def setup(device_name, seed, deterministic=False):
-    """Device, seeds and the speed switches for a training run; returns (device, amp dtype or None)."""
+    """Device, seeds and the speed switches for a training run; returns (device, amp dtype or None).
+    Under torchrun each worker takes the GPU of its local rank and joins the process group."""
     device = resolve_device(device_name)
+    rank, size, local = world()
+    if size > 1:
+        if device.type == "cuda":
+            torch.cuda.set_device(local)
+            device = torch.device("cuda", local)
+        if not distributed():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)
     if deterministic:
         # cuBLAS needs a fixed workspace to repeat itself; a few CUDA kernels (adaptive pooling's
@@ -52,9 +109,11 @@ def setup(device_name, seed, deterministic=False):
 
 
 def describe(device, dtype):
-    """One banner line: the device and the number format."""
+    """One banner line: the device and the number format (and, under torchrun, the workers)."""
+    size = world()[1]
+    workers = f"; {size} workers (torchrun, DistributedDataParallel over {dist.get_backend()})" if size > 1 else ""
     if device.type != "cuda":
-        return "device cpu, float32 (mixed precision is for GPUs)"
+        return f"device cpu, float32 (mixed precision is for GPUs){workers}"
     name = torch.cuda.get_device_name(device)
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler"}[dtype]
-    return f"device {device} ({name}), {precision}, channels_last"
+    return f"device {device} ({name}), {precision}, channels_last{workers}"

@@ -59,6 +59,9 @@ def add_training_args(p, lr, epochs):
                         "cuDNN repeat too, but a few kernels (adaptive pooling's backward) have no "
                         "deterministic version and only warn, so GPU runs may still differ slightly")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU; slow first epoch)")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) "
+                        "instead of each worker's share")
     cli.add_device_arg(p)
 
 
@@ -69,7 +72,8 @@ def prepare_out(args, stage_name):
     out = Path(args.out)
     refuse_overlap(out, args.data, "--out", "--data", "the next run would read the checkpoints folder as a "
                    "class; choose an --out outside the data", both_ways=False)
-    files.remove_stale_temps(out)
+    if runtime.is_main():
+        files.remove_stale_temps(out)
     return out, out / stage_name
 
 
@@ -82,9 +86,10 @@ def previous_run(args, stage_dir):
     """
     last = Path(stage_dir) / "last.pth"
     if args.fresh:
-        for name in STAGE_FILES:
-            (Path(stage_dir) / name).unlink(missing_ok=True)
-        shutil.rmtree(Path(stage_dir) / "epochs", ignore_errors=True)
+        if runtime.is_main():
+            for name in STAGE_FILES:
+                (Path(stage_dir) / name).unlink(missing_ok=True)
+            shutil.rmtree(Path(stage_dir) / "epochs", ignore_errors=True)
         return None
     path = Path(args.resume) if args.resume else last if last.exists() else None
     if path is None:
@@ -115,7 +120,7 @@ def finished(ckpt, args, stage_dir):
 
 def restore_named(target, stage_dir, epoch):
     """A finished stage whose named checkpoint is gone (deleted, or lost to a kill): link it again."""
-    if Path(target).exists():
+    if Path(target).exists() or not runtime.is_main():
         return
     source = Path(stage_dir) / "epochs" / f"epoch_{epoch:03d}.pth"
     if not source.exists():
@@ -156,11 +161,13 @@ class StageRun:
         device, amp = runtime_
         self.loop = make_loop(model, lr=args.lr, weight_decay=args.weight_decay, device=device, amp=amp,
                               mean=meta["mean"], std=meta["std"], batch_size=args.batch_size, seed=args.seed,
-                              compile=args.compile, precise_bn=not args.no_precise_bn)
-        self.keeper = Keeper(stage_dir, {**meta, "args": args}, args.keep_all)
+                              compile=args.compile, precise_bn=not args.no_precise_bn, sync_bn=args.sync_bn)
+        self.main = runtime.is_main()  # under torchrun only rank 0 writes files
+        self.keeper = Keeper(stage_dir, {**meta, "args": args}, args.keep_all, writes=self.main)
         self.history, self.state, self.first_epoch = [], {}, 1
-        self.dir.mkdir(parents=True, exist_ok=True)
-        files.write_json(self.dir / "args.json", checkpoint.json_args(args))
+        if self.main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            files.write_json(self.dir / "args.json", checkpoint.json_args(args))
         if prev:
             restore_training_state(self.loop, prev)
             self.keeper.restore(prev)
@@ -193,9 +200,14 @@ class StageRun:
         self.keeper.snapshot(self.loop.model, row, needed)
         self.write_progress()
         if row["epoch"] > 0:  # (stage 2's epoch 0 is its --init checkpoint, measured again on a rerun)
-            self.keeper.save_last(row["epoch"], training_state(self.loop, self.history, self.state))
+            self.keeper.save_last(row["epoch"], self.training_state)
+
+    def training_state(self, optimizer):
+        return training_state(self.loop, self.history, self.state, optimizer)
 
     def write_progress(self):
+        if not self.main:
+            return
         rows, writer = list(self.history), self.keeper.writer
         writer.submit("metrics", files.write_csv, self.dir / "metrics.csv", METRIC_COLUMNS,
                       [[r.get(c, "") for c in METRIC_COLUMNS] for r in rows])
@@ -210,11 +222,12 @@ class StageRun:
         self.keeper.writer.flush()  # the last periodic last.pth lands whole before the final one replaces it
         self.keeper.kept = {e: v for e, v in self.keeper.kept.items() if e in named.values()}
         last = self.history[-1]["epoch"]
-        self.keeper.save_last(last, training_state(self.loop, self.history, self.state), finished=True)
+        self.keeper.save_last(last, self.training_state, finished=True)
         for path, epoch in named.items():
             self.keeper.name(path, epoch)
         self.write_progress()
         self.keeper.close()
+        runtime.teardown()
         say(f"metrics: {self.dir / 'metrics.csv'}   curves: {self.dir / 'curves.png'}")
         self.problems.summary()
         return self.problems.exit_code()
@@ -224,10 +237,17 @@ def open_stage(args, stage_dir, title, prev, init=None):
     """Decode the data and build the StageRun; `init` is the checkpoint stage 2 starts from."""
     problems = cli.Problems()
     device_amp = runtime.setup(args.device, args.seed, args.deterministic)
+    workers = runtime.world()[1]
+    if args.batch_size % workers:
+        raise UsageError(f"--batch-size {args.batch_size} is the global batch; it must divide among the "
+                         f"{workers} torchrun workers (try {args.batch_size - args.batch_size % workers or workers})")
+    if args.sync_bn and (workers == 1 or device_amp[0].type != "cuda"):
+        raise UsageError("--sync-bn is for torchrun runs on GPUs (PyTorch's SyncBatchNorm has no CPU version)")
     source = prev or init
     img_size = source["img_size"] if source else args.img_size
-    data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
-                              not args.no_ocm, args.watch, not args.no_cache, device_amp[0], args.data_on)
+    with runtime.main_first():  # rank 0 writes the decode cache, the other workers read it
+        data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
+                                  not args.no_ocm, args.watch, not args.no_cache, device_amp[0], args.data_on)
     if source:
         model = checkpoint.build_from(source, args.resume or stage_dir / "last.pth" if prev else args.init)
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}
@@ -295,7 +315,8 @@ def end_stage1(run, rule, out, stage_dir):
         warnings.append(f"the kept epoch's val_acc {row['val_acc']:.1f} % is within noise of chance "
                         f"({100 / len(run.data['classes']):.1f} %): the model has not learnt much")
         say(f"warning: {warnings[-1]}", file=sys.stderr)
-    write_divergence_json(stage_dir / "divergence.json", history, rule, decision, warnings, out / "divergence.pth")
+    if run.main:
+        write_divergence_json(stage_dir / "divergence.json", history, rule, decision, warnings, out / "divergence.pth")
     say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
     return run.finish({out / "divergence.pth": chosen, stage_dir / "best.pth": best})

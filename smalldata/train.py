@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
@@ -38,11 +39,18 @@ class Loop:
 
     def __post_init__(self):
         self.scaler = runtime.grad_scaler(self.amp)
-        self.step_model = torch.compile(self.model) if self.compile else self.model
+        # Under torchrun the training steps go through DDP, which averages the gradients of the
+        # workers; measuring and saving use the plain model (its keys have no "module." prefix).
+        net = self.model
+        if runtime.distributed():
+            net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.step_model = torch.compile(net) if self.compile else net
 
 
 def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, seed, compile=False,
-              precise_bn=True):
+              precise_bn=True, sync_bn=False):
+    if sync_bn:  # BatchNorm statistics over the global batch, not each worker's share (GPUs only)
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
     if device.type == "cuda":  # cuDNN's fastest convolutions want NHWC; on the CPU it is no faster
         model = model.to(memory_format=torch.channels_last)
@@ -60,17 +68,20 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
     (benchmarks only).
     """
     loop.model.train()
+    rank, workers, _ = runtime.world()
     batches = batch_order(len(y_all), loop.batch_size, loop.generator, drop_last=True)
     if steps is not None:
         batches = batches[:steps]
-    sizes = [len(b) for b in batches]
-    order = torch.cat(batches).to(loop.device, non_blocking=True).split(sizes)  # one copy per epoch
+    sizes = [len(b) for b in batches]  # global batches: every worker draws the same order...
+    mine = [b.tensor_split(workers)[rank] for b in batches]  # ...and takes its share of each
+    order = torch.cat(mine).to(loop.device, non_blocking=True).split([len(b) for b in mine])  # one copy per epoch
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.long)
     start = shown = time.perf_counter()
-    bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout)
-    for step, (idx, x_uint8) in enumerate(zip(bar, device_batches(x_all, batches, order, loop.device))):
-        x, y = loop.norm(loop.augment(x_uint8, loop.generator)), y_all[idx]
+    bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout, disable=rank != 0)
+    for step, (idx, x_uint8) in enumerate(zip(bar, device_batches(x_all, mine, order, loop.device))):
+        params = loop.augment.draw(sizes[step], loop.generator).tensor_split(workers)[rank]
+        x, y = loop.norm(loop.augment(x_uint8, loop.generator, params)), y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
             logits = loop.step_model(x)
             loss = F.cross_entropy(logits, y)
@@ -82,20 +93,26 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
         correct += (logits.argmax(1) == y).sum()
         if step == 0:
             timed_from = time.perf_counter()
-        if time.perf_counter() - shown > 1.0:  # the bar's numbers cost one host sync a second
-            shown, seen = time.perf_counter(), sum(sizes[:step + 1])
+        if time.perf_counter() - shown > 1.0 and rank == 0:  # the bar's numbers: one host sync a second
+            shown, seen = time.perf_counter(), sum(len(b) for b in mine[:step + 1])
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%",
                             refresh=False)
     seen = sum(sizes)
+    loss_sum, correct = runtime.all_sum(loss_sum, correct)  # over the workers (torchrun)
     loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # the one sync of the epoch
     timed = time.perf_counter() - timed_from
     ips = (seen - sizes[0]) / timed if len(sizes) > 1 and timed > 0 else seen / (time.perf_counter() - start)
     return loss, acc, ips
 
 
-def _batches(loop, x_all):
-    """(device indices, normalised images) of each evaluation batch, in order."""
-    batches = batch_order(len(x_all), 2 * loop.batch_size, shuffle=False)
+def _batches(loop, x_all, shard=False):
+    """(device indices, normalised images) of each evaluation batch, in order; with `shard`, only this
+    torchrun worker's contiguous share of the set."""
+    indices = torch.arange(len(x_all))
+    if shard:
+        rank, workers, _ = runtime.world()
+        indices = indices.tensor_split(workers)[rank]
+    batches = list(indices.split(2 * loop.batch_size))
     order = [idx.to(loop.device, non_blocking=True) for idx in batches]
     for idx, x in zip(order, device_batches(x_all, batches, order, loop.device)):
         yield idx, loop.norm(x)
@@ -108,24 +125,27 @@ def precise_bn(loop, x_all):
     The running averages (momentum 0.1) lag far behind weights that changed a lot in a few steps;
     evaluated with them, accuracy swings from epoch to epoch although the weights barely differ.
     """
-    with runtime.autocast(loop.device, loop.amp):
+    with runtime.autocast(loop.device, loop.amp):  # (each worker the whole set: all get the same statistics)
         update_bn((x for _, x in _batches(loop, x_all)), loop.model)
 
 
 @torch.inference_mode()
 def evaluate(loop, x_all, y_all):
     """Loss and accuracy (%) in eval mode without augmentation; loss and argmax in float32,
-    so a decision read from them does not move with the autocast dtype."""
+    so a decision read from them does not move with the autocast dtype. Under torchrun each
+    worker measures its share and the sums are added up: every worker gets the same numbers,
+    so every worker takes the same decisions."""
     loop.model.eval()
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.long)
-    for idx, x in _batches(loop, x_all):
+    for idx, x in _batches(loop, x_all, shard=True):
         y = y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
             logits = loop.model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
+    loss_sum, correct = runtime.all_sum(loss_sum, correct)
     return loss_sum.item() / len(y_all), 100.0 * correct.item() / len(y_all)
 
 
@@ -163,10 +183,11 @@ def fit(loop, data, first_epoch, last_epoch, on_epoch, eval_first=False):
 
 # ---------------------------------------------------------------- what --resume needs
 
-def training_state(loop, history, stage):
-    """Everything last.pth adds to the weights: optimizer, scaler, RNG states, history, the stage's own state."""
-    return {"model": loop.model, "optimizer": host_state(loop.optimizer.state_dict()),
-            "scaler": loop.scaler.state_dict() if loop.scaler.is_enabled() else None,
+def training_state(loop, history, stage, optimizer=True):
+    """Everything last.pth adds to the weights: optimizer and scaler (unless not `optimizer`), RNG
+    states, history, the stage's own state."""
+    return {"model": loop.model, "optimizer": host_state(loop.optimizer.state_dict()) if optimizer else None,
+            "scaler": loop.scaler.state_dict() if optimizer and loop.scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
             "history": list(history), "stage": dict(stage)}

@@ -259,7 +259,7 @@ def test_resume_keeps_the_epoch_files_last_pth_needs_and_drops_those_written_pas
     for epoch in (1, 2, 3):
         history.append({"epoch": epoch, "val_acc": 50.0})
         keeper.snapshot(loop.model, history[-1], needed={2, 3})
-    keeper.save_last(3, training_state(loop, history, {}), finished=False)
+    keeper.save_last(3, lambda optimizer: training_state(loop, history, {}, optimizer), finished=False)
     keeper.writer.flush()
     files = sorted(p.name for p in (tmp_path / "epochs").iterdir())
     assert files == ["epoch_002.pth"]  # epoch 3's weights are in last.pth itself; epoch 1 was never needed

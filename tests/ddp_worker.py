@@ -1,0 +1,37 @@
+"""Run by tests/test_ddp.py, with and without torchrun: the training loop's own functions on a small
+model without BatchNorm or dropout (so that one process and two workers must agree to rounding), on
+fixed random images. Rank 0 writes what it measured to the JSON file named by argv[1]."""
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
+from smalldata.train import evaluate, make_loop, train_epoch  # noqa: E402
+
+
+def main():
+    device, amp = runtime.setup("cpu", seed=0, deterministic=True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 256, (48, 3, 16, 16), dtype=torch.uint8, generator=g)
+    y = torch.arange(48) % 3
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 3))
+    loop = make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, batch_size=8, seed=0, precise_bn=False)
+    rows = []
+    for _ in range(2):
+        loss, acc, _ = train_epoch(loop, x, y)
+        rows.append({"train": [loss, acc], "eval": list(evaluate(loop, x[:45], y[:45]))})  # 45: uneven shares
+    if runtime.is_main():
+        weights = {k: v.flatten().tolist() for k, v in loop.model.state_dict().items()}
+        Path(sys.argv[1]).write_text(json.dumps({"rows": rows, "weights": weights, "world": runtime.world()[1]}))
+    runtime.teardown()
+
+
+if __name__ == "__main__":
+    main()
