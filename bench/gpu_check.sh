@@ -3,7 +3,8 @@
 # (bench/gpu_readiness.py: host syncs, checkpoint writer cost, layout conversions, recompiles, a CPU
 # last.pth resumed on CUDA, --deterministic twice, peak memory), the BR providers line, training throughput of ours
 # against the torchvision-tutorial baseline, then the whole pipeline on the demo data in the GPU
-# configuration (256 px, 500 OCM, up to 100 + 20 epochs, val and test scores), with each step's wall time.
+# configuration (256 px, 500 OCM, up to 100 + 20 epochs, val and test scores), with each step's wall time;
+# then stage 1 streamed from the decode cache (--data-on stream) and under torchrun with one worker.
 #
 #   bash bench/gpu_check.sh PHOTOS [RESULTS]     # PHOTOS: a <class>/<image> folder of real photos
 #
@@ -28,3 +29,9 @@ cp checkpoints/score-test/score.json "$results/score_test.json"
 cp checkpoints/1e-4/metrics.csv "$results/metrics_1e-4.csv"
 cp checkpoints/1e-7/metrics.csv "$results/metrics_1e-7.csv"
 cp checkpoints/1e-4/curves.png "$results/curves_1e-4.png"
+# Streaming from the decode cache against the in-memory run above, and torchrun with one worker
+# (DDP's own overhead), 3 stage-1 epochs each on the demo data at 256 px: images/s per epoch.
+python3 model_1e-4.py --data data --out "$results/stream" --epochs 3 --weights none --data-on stream 2>&1 \
+  | grep -E "^data:|^epoch " | tee "$results/stream.txt"
+python3 -m torch.distributed.run --standalone --nproc_per_node=1 model_1e-4.py --data data \
+  --out "$results/torchrun1" --epochs 3 --weights none 2>&1 | grep -E "workers|^epoch " | tee "$results/torchrun1.txt"

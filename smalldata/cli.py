@@ -18,6 +18,10 @@ class UsageError(Exception):
     """Nothing can be done: bad arguments, missing model or folders. The message says what to do."""
 
 
+class InputError(Exception):
+    """An input file that cannot be used (images.BadImage); the message names it and says why."""
+
+
 def rank():
     """This process's rank under torchrun (0 in a plain run). Only rank 0 prints and writes files."""
     return int(os.environ.get("RANK", "0"))
@@ -141,12 +145,10 @@ def existing_file(text):
 
 def run(main):
     """Run `main(argv) -> exit code` and exit with it; expected failures become one line and exit 2."""
-    from .images import BadImage
-
     where = f"[rank {rank()}] " if rank() else ""  # torchrun: a worker's own error names it
     try:
         code = main(sys.argv[1:])
-    except (UsageError, BadImage) as e:
+    except (UsageError, InputError) as e:
         print(f"{where}error: {e}", file=sys.stderr)
         code = EXIT_FAIL
     except KeyboardInterrupt:

@@ -12,14 +12,14 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .cli import available_cpus, rank
+from .cli import InputError, available_cpus, rank
 
 # Pillow's own limit (about 89 megapixels) warns; we refuse at that size instead,
 # since a decompression bomb can exhaust memory long before the error threshold.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-class BadImage(Exception):
+class BadImage(InputError):
     """A file that cannot be used as an image; str() names the file and the reason."""
 
 

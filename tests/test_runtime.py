@@ -120,3 +120,21 @@ def test_korean_class_names_draw_with_real_glyphs_and_no_warnings(tmp_path):
                          tmp_path / "grid.png")
     assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
     assert (tmp_path / "confusion.png").stat().st_size > 1000
+
+
+def test_the_gpu_settings_train_on_the_cpu_bf16_autocast_channels_last_and_compiled_once():
+    # The CUDA branches' settings, executed where CI can: bf16 autocast, NHWC weights and inputs,
+    # torch.compile (inductor, CPU) -- one compilation for every full batch of two epochs.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    loop = make_loop(tiny_model(), lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), amp=torch.bfloat16,
+                     mean=[0.5] * 3, std=[0.25] * 3, batch_size=4, seed=0, compile=True)
+    loop.model.to(memory_format=torch.channels_last)
+    loop.norm.channels_last = True
+    x, y = tiny_data(n=10)
+    first, second = train_epoch(loop, x, y), train_epoch(loop, x, y)
+    assert all(torch.isfinite(torch.tensor(v)) for v in (*first, *second))
+    assert loop.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert counters["stats"]["unique_graphs"] == 1  # the last partial batch (2 of 10) never reaches the model
