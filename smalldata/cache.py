@@ -41,7 +41,9 @@ def paths(root, img_size, digest):
 
 
 def relative(root, path):
-    return str(Path(path).relative_to(root))
+    """`path` relative to `root`, below which it lies (string slicing: pathlib is slow on 100k files)."""
+    root, path = os.fspath(root).rstrip(os.sep), os.fspath(path)
+    return path[len(root) + 1:] if path.startswith(root + os.sep) else str(Path(path).relative_to(root))
 
 
 def load(root, samples, img_size, mmap=False):

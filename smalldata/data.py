@@ -38,7 +38,7 @@ def load_images(samples, img_size, problems, desc="decode", cache_root=None, mma
         array, bad = hit
         for text in bad.values():
             problems.skip(text)
-        labels = [label for path, label in samples if cache.relative(cache_root, path) not in bad]
+        labels = [label for path, label in samples if not bad or cache.relative(cache_root, path) not in bad]
         return array if mmap else torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
     images, labels, bad = [], [], {}
     for (path, label), out in decode_many(samples, lambda s: decode_one(s[0], img_size), desc):
@@ -110,7 +110,7 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
             [decoded[p][0] for p in parts]
         labels = torch.cat([decoded[p][1] for p in parts]).to(device)
         if on_device:
-            return torch.cat(images).to(device), labels
+            return (images[0] if len(images) == 1 else torch.cat(images)).to(device), labels
         return (images[0] if len(images) == 1 else Stacked(images)), labels
 
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},

@@ -13,7 +13,7 @@ JUNK_NAMES = {"thumbs.db", "desktop.ini", "icon\r"}
 
 
 def is_junk(path) -> bool:
-    name = Path(path).name
+    name = os.path.basename(path)
     return name.startswith(".") or name.lower() in JUNK_NAMES
 
 
@@ -33,9 +33,11 @@ def list_files(root):
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            p = Path(dirpath, name)
-            if not is_junk(p) and (p.is_file() or (p.is_symlink() and not p.exists())):
-                out.append(p)
+            if is_junk(name):
+                continue
+            p = os.path.join(dirpath, name)  # (strings: pathlib costs more than the stat on 100k files)
+            if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p)):
+                out.append(Path(p))
     return out
 
 

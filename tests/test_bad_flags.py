@@ -24,7 +24,8 @@ CASES = {  # script -> [(flags, words the message must hold)]; {root} is the fix
          (["--img-size", "0"], "--img-size"), (["--arch", "vgg13bn"], "vgg13_bn"),
          (["--data", "{root}/a_file"], "is a file"), (["--data", "{root}/nowhere"], "not found"),
          (["--out", "{root}/a_file"], "is a file"), (["--data", "{root}/one", "--weights", "none"], "at least two"),
-         (["--patience", "0"], "--patience"), (["--noise-z", "nan"], "--noise-z")],
+         (["--patience", "0"], "--patience"), (["--noise-z", "nan"], "--noise-z"), (["--data-on", "gpu"], "--data-on"),
+         (["--data", "{root}/data", "--weights", "none", "--sync-bn"], "--sync-bn")],
     S2: [(["--epochs", "-1"], "--epochs"), (["--init", "{root}/nowhere.pth"], "not found"),
          (["--data", "{root}/a_file"], "is a file"), (["--keep", "worst"], "--keep")],
     SCORE: [(["--batch-size", "0"], "--batch-size"), (["--data", "{root}/nowhere"], "not found"),
@@ -35,7 +36,8 @@ CASES = {  # script -> [(flags, words the message must hold)]; {root} is the fix
           (["--src", "{root}/data/train", "--dst", "{root}/a_file"], "is a file")],
     BR: [(["--min-fg", "2"], "--min-fg"), (["--threads", "-1"], "--threads"), (["--preview-count", "0"], "preview"),
          (["--src", "{root}/data/train", "--dst", "{root}/a_file"], "is a file"),
-         (["--src", "{root}/nowhere"], "not found"), (["--min-fg", "0.5", "--max-fg", "0.4"], "--min-fg")],
+         (["--src", "{root}/nowhere"], "not found"), (["--min-fg", "0.5", "--max-fg", "0.4"], "--min-fg"),
+         (["--shard", "2/2"], "--shard"), (["--shard", "half"], "--shard"), (["--min-confidence", "1.5"], "--min-confidence")],
 }
 
 
