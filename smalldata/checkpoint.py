@@ -19,7 +19,25 @@ REQUIRED = ("model", "arch", "classes", "img_size", "mean", "std", "epoch", "met
 def model_state(model):
     """A CPU copy of the weights, with torch.compile's `_orig_mod.` prefix removed."""
     model = getattr(model, "_orig_mod", model)
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    return to_host(model.state_dict())
+
+
+def to_host(obj):
+    """A host copy of a (nested) state. From a GPU every tensor is copied without blocking and the
+    host waits once at the end, not once per tensor (76 tensors in VGG-13-BN, 150 in its Adam state)."""
+    def copy(o):
+        if torch.is_tensor(o):
+            return o.detach().to("cpu", non_blocking=True) if o.is_cuda else o.detach().to("cpu", copy=True)
+        if isinstance(o, dict):
+            return {k: copy(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            return type(o)(copy(v) for v in o)
+        return o
+
+    out = copy(obj)
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # the non-blocking copies have landed
+    return out
 
 
 def make(state, *, arch, classes, img_size, mean, std, epoch, metrics, args, **extra):

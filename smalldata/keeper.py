@@ -10,8 +10,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from . import checkpoint, files
 
 # last.pth (weights + Adam state, 1.5 GB for VGG-13) is written at most this often, and always at the
@@ -149,15 +147,3 @@ class Keeper:
             for path in (self.dir / "epochs").glob("epoch_*.pth"):
                 if int(path.stem.split("_")[1]) not in needed:
                     path.unlink(missing_ok=True)
-
-
-def host_state(obj):
-    """A host copy of a (nested) optimizer state."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: host_state(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(host_state(v) for v in obj)
-    return obj
-

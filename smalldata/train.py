@@ -14,10 +14,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
-from . import runtime
+from . import checkpoint, runtime
 from .cli import say
 from .data import Augment, Normalize, batch_order, device_batches
-from .keeper import host_state
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
                   "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc"]
@@ -186,7 +185,7 @@ def fit(loop, data, first_epoch, last_epoch, on_epoch, eval_first=False):
 def training_state(loop, history, stage, optimizer=True):
     """Everything last.pth adds to the weights: optimizer and scaler (unless not `optimizer`), RNG
     states, history, the stage's own state."""
-    return {"model": loop.model, "optimizer": host_state(loop.optimizer.state_dict()) if optimizer else None,
+    return {"model": loop.model, "optimizer": checkpoint.to_host(loop.optimizer.state_dict()) if optimizer else None,
             "scaler": loop.scaler.state_dict() if optimizer and loop.scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},

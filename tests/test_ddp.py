@@ -34,8 +34,9 @@ def test_two_workers_take_shares_of_each_global_batch_and_agree_with_one_process
 
 def test_torchrun_stage1_prints_and_writes_once_and_its_checkpoint_loads_in_torchvision(tiny_data, tmp_path):
     out = tmp_path / "ck"
-    r = torchrun(REPO / "model_1e-4.py", "--data", tiny_data, "--out", out, "--no-br", "--no-ocm", "--epochs", "2",
-                 "--arch", "resnet18", "--img-size", "32", "--batch-size", "8", "--weights", "none", "--device", "cpu")
+    args = ("--data", tiny_data, "--out", out, "--no-br", "--no-ocm", "--arch", "resnet18", "--img-size", "32",
+            "--batch-size", "8", "--weights", "none", "--device", "cpu")
+    r = torchrun(REPO / "model_1e-4.py", *args, "--epochs", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("== stage 1") == 1 and "2 workers (torchrun, DistributedDataParallel over gloo)" in r.stdout
     assert r.stdout.count("epoch   2  train") == 1
@@ -43,6 +44,10 @@ def test_torchrun_stage1_prints_and_writes_once_and_its_checkpoint_loads_in_torc
     assert len(rows) == 3  # header + 2 epochs: one writer
     ckpt = torch.load(out / "divergence.pth", weights_only=True)
     torchvision.models.resnet18(num_classes=4).load_state_dict(ckpt["model"])  # no "module." prefixes
+
+    more = run_script("model_1e-4.py", *args, "--epochs", "3", check=0)  # one process continues the torchrun run
+    assert "resuming after epoch 2" in more.stdout
+    assert len((out / "1e-4/metrics.csv").read_text().splitlines()) == 4
 
     odd = torchrun(REPO / "model_1e-4.py", "--data", tiny_data, "--out", tmp_path / "odd", "--epochs", "1",
                    "--batch-size", "7", "--device", "cpu", "--weights", "none")
