@@ -182,7 +182,7 @@ def device_batches(images, order, device_order, device):
     background thread (numpy's copy releases the GIL), into pinned memory on a GPU, and each is copied
     without blocking, so the GPU does not wait on the disk or the gather.
     """
-    if torch.is_tensor(images) and images.device == device:
+    if torch.is_tensor(images) and images.device.type == device.type:  # ("cuda" and "cuda:0" alike)
         for idx in device_order:
             yield images[idx]
         return

@@ -87,13 +87,13 @@ def setup(device_name, seed, deterministic=False):
     """Device, seeds and the speed switches for a training run; returns (device, amp dtype or None).
     Under torchrun each worker takes the GPU of its local rank and joins the process group."""
     device = resolve_device(device_name)
-    rank, size, local = world()
-    if size > 1:
-        if device.type == "cuda":
+    _, size, local = world()
+    if device.type == "cuda":  # an explicit index: the one GPU this process uses (torchrun: its local rank's)
+        if size > 1:
             torch.cuda.set_device(local)
-            device = torch.device("cuda", local)
-        if not distributed():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        device = torch.device("cuda", torch.cuda.current_device())
+    if size > 1 and not distributed():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)
     if deterministic:
         # cuBLAS needs a fixed workspace to repeat itself; a few CUDA kernels (adaptive pooling's
