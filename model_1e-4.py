@@ -9,10 +9,8 @@ Writes checkpoints/1e-4/{metrics.csv, curves.png, divergence.json, args.json, la
 epochs/} and checkpoints/divergence.pth. Rerunning the same command continues an interrupted run,
 or does nothing when it is finished. The rule is explained in divergence.json and docs/scripts.md.
 """
-from smalldata import cli, recipe, stages
+from smalldata import cli, rule as rules, stages
 from smalldata.model import arch_name
-
-RULE = recipe.Rule()
 
 
 def main(argv=None):
@@ -27,16 +25,7 @@ def build_parser():
                    help="start from: imagenet (torchvision's ImageNet weights, new head), none (scratch), "
                         "or PATH to a checkpoint of ours")
     p.add_argument("--img-size", type=cli.positive_int, default=256, help="photos are squeezed to this square size")
-    p.add_argument("--gap-window", type=cli.positive_int, default=RULE.window,
-                   help="divergence rule: epochs over which the trend of the gap is judged")
-    p.add_argument("--patience", type=cli.positive_int, default=RULE.patience,
-                   help="divergence rule: epochs in a row the gap must widen before the stage stops")
-    p.add_argument("--min-epochs", type=cli.positive_int, default=RULE.min_epochs,
-                   help="divergence rule: no decision before this epoch")
-    p.add_argument("--noise-z", type=cli.positive_float, default=RULE.z,
-                   help="divergence rule: standard errors a change must exceed to count")
-    p.add_argument("--no-early-stop", action="store_true",
-                   help="train every epoch even after the rule fired (the kept epoch is the same)")
+    rules.add_args(p)
     return p
 
 

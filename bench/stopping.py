@@ -1,142 +1,117 @@
-"""Replay recorded stage-1 histories and compare the ways of choosing the kept epoch, in seconds.
+"""Which epoch should stage 1 keep? Every way of choosing, replayed on recorded histories, scored on the
+test photos no choice reads, with paired differences and 95 % intervals, tuning and reporting apart.
 
-    python bench/stopping.py                       # bench/histories/*.csv (bench/record_histories.py)
-    python bench/stopping.py --histories DIR --markdown
+    python bench/stopping.py --histories /tmp/smalldata-bench/ablation/histories     # bench/ablation.py's
+    python bench/stopping.py --histories bench/histories/vgg13_bn-64 --markdown      # our evidence
+    python bench/stopping.py --replay checkpoints/1e-4/metrics.csv [--rule ... --patience 3 ...]
 
-Each history is a metrics.csv of a run trained for every epoch with --watch on a hold-out split.
-For every history and way of choosing, it takes the kept epoch and reads the hold-out accuracy
-there (watch_acc; no choice reads it). Ways compared:
-  old rule     the rule this project shipped before: gap(t) - gap(t-3) > 5 points with no val gain,
-               kept epoch t-3; else the raw best val_acc
-  new rule     smalldata.recipe.choose with its defaults (noise-aware rule, steady best-val fallback)
-  best val     the raw maximum of val_acc (ties: smaller gap, then earlier)
-  steady best  smalldata.recipe.steady_best: latest epoch within one SE of the best smoothed val_acc
-  last epoch   the last epoch trained
-  oracle       the best watch_acc: for scale only, no real choice can know it
-It also counts how often a stopping rule stopped while validation was still improving: the
-smoothed val_acc (trailing mean over the rule's window) later rose by more than one standard error.
-A second table measures what BatchNorm recalibration steadies: the mean absolute epoch-to-epoch
-change of val_acc, with and without it (histories *_orig.csv against *_orig-nobn.csv).
+A history is a run of model_1e-4.py trained for its whole budget (--no-early-stop) with --watch on a
+test split: its metrics.csv and watch.csv (which test photos each epoch got right). For each history
+and way of choosing, the kept epoch's test correctness is read from watch.csv; every way is then
+compared with the last epoch, the steady best and the best-val epoch on the same photos (paired
+bootstrap over runs and photos, smalldata.intervals). Runs whose name starts with "tune" are the
+tuning part (where thresholds were chosen), the others the reporting part; the two are printed apart.
+Ways:
+  divergence z=Z p=P  the recipe's rule (smalldata.rule.Divergence) with threshold Z and patience P
+  steady best         the latest epoch within one SE of the best smoothed val_acc
+  last epoch          the last epoch trained
+  best val            the raw maximum of val_acc (first on a tie)
+  emaT, swa           the weight average at the last epoch (columns of --measure-averages)
+  oracle              the best test accuracy: for scale only, no real choice can know it
+
+--replay prints, as JSON, what the rule (the default, or the one the flags give) decides on any
+metrics.csv that model_1e-4.py wrote, older ones included: where a column it needs is missing, it is
+estimated and `reason` says so.
 """
 import argparse
-import csv
-import statistics
+import json
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from smalldata import recipe  # noqa: E402
+from ablation import read_history  # noqa: E402
+from smalldata import intervals, rule as rules  # noqa: E402
 
-WAYS = ("old rule", "new rule", "best val", "steady best", "last epoch", "oracle")
-
-
-def read(path):
-    with open(path, newline="") as f:
-        return [{k: float(v) for k, v in r.items() if v != ""} | {"epoch": int(r["epoch"])} for r in csv.DictReader(f)]
+RULE_GRID = [(z, p) for z in (2.0, 3.0) for p in (3, 5)]
+BASELINES = ("last epoch", "steady best", "best val")
 
 
-def old_rule(rows, window=3, jump=5.0):
-    """The previous find_divergence and best_epoch, as shipped: (kept epoch, stop epoch)."""
-    for i in range(window, len(rows)):
-        start, end = rows[i - window], rows[i]
-        best_val = max(r["val_acc"] for r in rows[i - window + 1:i + 1])
-        if end["gap"] - start["gap"] > jump and best_val <= start["val_acc"]:
-            return start["epoch"], end["epoch"]
-    return raw_best(rows), rows[-1]["epoch"]
-
-
-def raw_best(rows):
-    return min(rows, key=lambda r: (-r["val_acc"], r["gap"], r["epoch"]))["epoch"]
-
-
-def new_rule(rows):
-    decision = recipe.choose(rows, recipe.Rule())
-    return decision["chosen_epoch"], decision["fired_at"] if decision["fired"] else rows[-1]["epoch"]
-
-
-def kept_epochs(rows):
-    """{way: (kept epoch, stop epoch)}"""
-    last = rows[-1]["epoch"]
-    return {"old rule": old_rule(rows), "new rule": new_rule(rows), "best val": (raw_best(rows), last),
-            "steady best": (recipe.steady_best(rows), last), "last epoch": (last, last),
-            "oracle": (max(rows, key=lambda r: (r["watch_acc"], -r["epoch"]))["epoch"], last)}
-
-
-def stopped_while_improving(rows, stop, window=recipe.Rule.window):
-    """True when the trailing-mean val_acc rose by more than one SE after the stop epoch."""
-    if stop >= rows[-1]["epoch"]:
-        return False
-    trail = [statistics.mean(r["val_acc"] for r in rows[max(0, i - window + 1):i + 1]) for i in range(len(rows))]
-    at_stop = trail[stop - 1]
-    return max(trail[stop:]) > at_stop + recipe.se_points(at_stop, rows[stop - 1]["val_n"])
-
-
-def summarise(histories):
-    """{way: {watch: [...], epoch: [...], early: [...]}} over the given {name: rows}."""
-    out = {w: {"watch": [], "epoch": [], "early": [], "fired": []} for w in WAYS}
-    for rows in histories.values():
-        by_epoch = {r["epoch"]: r for r in rows}
-        for way, (kept, stop) in kept_epochs(rows).items():
-            out[way]["watch"].append(by_epoch[kept]["watch_acc"])
-            out[way]["epoch"].append(kept)
-            out[way]["early"].append(stopped_while_improving(rows, stop))
-            out[way]["fired"].append(stop < rows[-1]["epoch"])
+def ways(rows):
+    """{way: the kept epoch's test correctness (a 0/1 string)} for one history."""
+    trained = [r for r in rows if r["epoch"] > 0]
+    at = {r["epoch"]: r for r in trained}
+    out = {}
+    for z, patience in RULE_GRID:
+        decision = rules.Divergence(z=z, patience=patience).observe(trained)
+        out[f"divergence z={z:g} p={patience}"] = at[decision.chosen]["watch_correct"]
+    out["steady best"] = at[rules.SteadyBest().observe(trained).chosen]["watch_correct"]
+    out["last epoch"] = trained[-1]["watch_correct"]
+    out["best val"] = max(trained, key=lambda r: (r["val_acc"], -r["epoch"]))["watch_correct"]
+    for key in sorted(k for k in trained[-1] if k.endswith("_watch_correct") and k != "watch_correct"):
+        out[key[:-len("_watch_correct")]] = trained[-1][key]
+    out["oracle"] = max(trained, key=lambda r: (r["watch_acc"], -r["epoch"]))["watch_correct"]
     return out
 
 
-def mean_sd(values):
-    return f"{statistics.mean(values):5.1f} +- {statistics.stdev(values) if len(values) > 1 else 0.0:4.1f}"
+def fired(rows, z, patience):
+    return rules.Divergence(z=z, patience=patience).observe([r for r in rows if r["epoch"] > 0]).evidence["fired"]
 
 
 def table(title, histories, markdown):
-    stats = summarise(histories)
-    head = ["way", "hold-out acc at kept epoch", "kept epoch", "rule fired", "stopped while val improving"]
-    lines = [f"{title} ({len(histories)} runs)"]
+    per_run = {name: ways(rows) for name, rows in histories.items()}
+    names = list(next(iter(per_run.values())))
+    head = ["way", "test top-1 %"] + [f"minus {b}" for b in BASELINES]
+    lines = [f"{title}: {len(histories)} runs ({', '.join(histories)}); mean over runs, 95 % bootstrap "
+             "interval over runs and photos; differences paired on the same photos, in points"]
     if markdown:
-        lines += ["| " + " | ".join(head) + " |", "|---|---|---|---|---|"]
-    for way in WAYS:
-        s = stats[way]
-        rule = way in ("old rule", "new rule")
-        fired = f"{sum(s['fired'])}/{len(s['fired'])}" if rule else "-"
-        early = f"{sum(s['early'])}/{len(s['early'])}" if rule else "-"
-        cells = [way, mean_sd(s["watch"]), mean_sd(s["epoch"]), fired, early]
-        lines.append("| " + " | ".join(cells) + " |" if markdown else
-                     f"  {cells[0]:12s} {cells[1]:>16s}   epoch {cells[2]:>14s}   fired {cells[3]:>5s}   {cells[4]:>5s}")
+        lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for way in names:
+        runs = [per_run[r][way] for r in histories]
+        cells = [way, intervals.describe(*intervals.bootstrap(runs), unit="")]
+        for base in BASELINES:
+            cells.append("-" if way == base else intervals.describe(
+                *intervals.bootstrap(runs, [per_run[r][base] for r in histories]), unit=""))
+        lines.append("| " + " | ".join(cells) + " |" if markdown else "  " + "  ".join(
+            f"{c:<24}" if i == 0 else f"{c:<30}" for i, c in enumerate(cells)))
+    counts = ", ".join(f"z={z:g} p={p}: {sum(fired(rows, z, p) for rows in histories.values())}/{len(histories)}"
+                       for z, p in RULE_GRID)
+    lines.append(f"\nthe divergence rule fired in: {counts}")
     return "\n".join(lines)
 
 
-def swing(rows, skip=5):
-    """Mean absolute change of val_acc from one epoch to the next, after the first `skip` epochs."""
-    vals = [r["val_acc"] for r in rows][skip:]
-    return statistics.mean(abs(b - a) for a, b in zip(vals, vals[1:]))
+def replay(args):
+    rows = [r for r in read_history(Path(args.replay)) if r["epoch"] > 0]
+    rule = rules.from_args(args)
+    decision = rule.observe(rows)
+    out = {"rule": rule.settings(), "fired": decision.evidence.get("fired", False),
+           "fired_at": decision.evidence.get("fired_at"), "chosen_epoch": decision.chosen, "reason": decision.reason}
+    print(json.dumps(out, indent=1))
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--histories", type=Path, default=REPO / "bench" / "histories")
-    p.add_argument("--markdown", action="store_true", help="print markdown tables (for docs/measurements.md)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--histories", type=Path, default=REPO / "bench" / "histories" / "vgg13_bn-64")
+    p.add_argument("--configs", nargs="+", default=["d", "a"], help="which configurations' histories (ablation.py)")
+    p.add_argument("--markdown", action="store_true", help="markdown tables (for docs/measurements.md)")
+    p.add_argument("--replay", help="a metrics.csv: print the rule's decision on it as JSON")
+    rules.add_args(p)
     args = p.parse_args()
-    runs = {f.stem: read(f) for f in sorted(args.histories.glob("*.csv"))}
-    if not runs:
-        sys.exit(f"no histories in {args.histories}; record some with bench/record_histories.py")
-    groups = {"all runs": {k: v for k, v in runs.items() if not k.endswith("nobn")}}
-    for mix in ("orig", "full"):
-        for classes in sorted({k.split("_")[0] for k in runs}):
-            chosen = {k: v for k, v in runs.items() if k.startswith(classes + "_") and k.endswith("_" + mix)}
+    if args.replay:
+        return replay(args)
+    for config in args.configs:
+        runs = {f.stem: read_history(f) for f in sorted(args.histories.glob(f"*_{config}.csv"))}
+        runs = {k: v for k, v in runs.items() if "watch_correct" in v[-1]}
+        if not runs:
+            continue
+        for part in ("tune", "report"):
+            chosen = {k: v for k, v in runs.items() if k.startswith(part) == (part == "tune")}
             if chosen:
-                groups[f"{classes} classes-{mix}".replace("c", "", 1)] = chosen
-    for title, histories in groups.items():
-        print(table(title, histories, args.markdown), end="\n\n")
-    pairs = [(k, k + "-nobn") for k in runs if k.endswith("_orig") and k + "-nobn" in runs]
-    if pairs:
-        print("val_acc swing, mean |change| from one epoch to the next (epochs 6 on):")
-        for with_bn, without in pairs:
-            print(f"  {with_bn:14s} recalibrated BN {swing(runs[with_bn]):5.1f} points   "
-                  f"running averages {swing(runs[without]):5.1f} points")
-        print(f"  mean           recalibrated BN {statistics.mean(swing(runs[a]) for a, _ in pairs):5.1f} points   "
-              f"running averages {statistics.mean(swing(runs[b]) for _, b in pairs):5.1f} points")
+                print(table(f"configuration {config}, {'tuning' if part == 'tune' else 'reporting'} part", chosen,
+                            args.markdown), end="\n\n")
 
 
 if __name__ == "__main__":

@@ -220,13 +220,14 @@ class Normalize:
 class Augment:
     """Random resized crop, horizontal flip, small rotation and colour jitter, for a whole batch.
 
-    Our choice of augmentations (the source write-up does not list its own): crop area 35-100 %
-    with aspect 3/4-4/3, flip p=0.5, rotation +-15 degrees, brightness/contrast/saturation +-20 %.
-    Random numbers come from a CPU generator, so a seeded run is the same on any device.
+    Our choice of augmentations (the source write-up does not list its own); the presets are
+    AUGMENTATIONS below. Random numbers come from a CPU generator, so a seeded run is the same on any
+    device. With nothing to do (the "none" preset) the batch passes through untouched.
     """
 
-    def __init__(self, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), degrees=15.0, jitter=0.2):
-        self.scale, self.ratio, self.degrees, self.jitter = scale, ratio, degrees, jitter
+    def __init__(self, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), degrees=15.0, jitter=0.2, flip=0.5):
+        self.scale, self.ratio, self.degrees, self.jitter, self.flip = scale, ratio, degrees, jitter, flip
+        self.identity = scale == (1.0, 1.0) and degrees == 0 and jitter == 0 and flip == 0
 
     def draw(self, n, generator):
         """Per image: 2x3 affine matrix and 3 colour factors, as one (n, 9) CPU tensor."""
@@ -240,7 +241,7 @@ class Augment:
         tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sx)
         ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sy)
         angle = uniform(-self.degrees, self.degrees) * math.pi / 180
-        flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+        flip = torch.where(torch.rand(n, generator=generator) < self.flip, -1.0, 1.0)
         cos, sin = angle.cos(), angle.sin()
         # Output grid -> input coordinates: rotate, scale to the crop, flip x, move to the crop centre.
         theta = [sx * cos * flip, -sy * sin, tx, sx * sin * flip, sy * cos, ty]
@@ -250,6 +251,8 @@ class Augment:
     def __call__(self, x_uint8, generator, params=None):
         """Augment a batch with fresh random numbers, or with `params` from draw (a torchrun worker
         uses its share of those drawn for the whole global batch, as one process would)."""
+        if self.identity:
+            return x_uint8.float()
         n, dev = x_uint8.shape[0], x_uint8.device
         params = self.draw(n, generator) if params is None else params
         if dev.type == "cuda":  # one pinned, asynchronous copy per batch
@@ -266,6 +269,16 @@ class Augment:
         gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = (x - gray) * saturation + gray
         return x.clamp_(0, 1).mul_(255)  # back on the 0-255 scale that Normalize expects
+
+
+# --augment: "full" crops 35-100 % of the area (aspect 3/4-4/3), flips, rotates +-15 degrees and
+# jitters brightness, contrast and saturation +-20 %; "light" only crops 70-100 % and flips;
+# "none" trains on the photos as they are. Measured against each other in docs/measurements.md.
+AUGMENTATIONS = {
+    "full": dict(),
+    "light": dict(scale=(0.7, 1.0), degrees=0.0, jitter=0.0),
+    "none": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees=0.0, jitter=0.0, flip=0.0),
+}
 
 
 def batch_order(n, batch_size, generator=None, shuffle=True, drop_last=False):

@@ -10,7 +10,7 @@ import warnings
 
 from PIL import Image, ImageDraw, ImageFont
 
-from . import files, recipe
+from . import files, rule
 from .images import BadImage, open_rgb
 
 
@@ -60,7 +60,7 @@ def training_curves(rows, path, title, marks=None, window=5):
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
     val, gap = [r["val_acc"] for r in rows], [r["gap"] for r in rows]
-    se = [recipe.se_points(r["val_acc"], r["val_n"]) if "val_n" in r else 0.0 for r in rows]
+    se = [rule.se_points(r["val_acc"], r["val_n"]) if "val_n" in r else 0.0 for r in rows]
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], "o-", ms=3, label="train (originals)")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val")
     ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", ms=3, label="train (originals)")
@@ -70,7 +70,7 @@ def training_curves(rows, path, title, marks=None, window=5):
     if any("watch_acc" in r and r["watch_acc"] != "" for r in rows):
         ax_acc.plot(epochs, [r.get("watch_acc") for r in rows], ":", color="C2", label="watch (analysis only)")
     ax_acc.plot(epochs, gap, "--", color="gray", lw=1, label="gap (train - val)")
-    ax_acc.plot(epochs, recipe.smoothed(gap, window // 2), "-", color="black", lw=1.5, label="gap, smoothed")
+    ax_acc.plot(epochs, rule.smoothed(gap, window // 2), "-", color="black", lw=1.5, label="gap, smoothed")
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):
         for epoch, text in (marks or {}).items():
             ax.axvline(epoch, color="red", lw=1)

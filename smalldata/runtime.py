@@ -32,6 +32,20 @@ def all_sum(*values):
     return tuple(stacked.unbind())
 
 
+def all_sum_tensor(tensor):
+    """`tensor` summed over all workers, in place (one collective); as it is in a plain run."""
+    if distributed():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_min(tensor):
+    """`tensor` replaced by its minimum over all workers, in place; as it is in a plain run."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (it writes the decode cache), the other workers after it (they read it)."""

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cache, checkpoint, files, plots, runtime
+from . import cache, checkpoint, files, intervals, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -161,6 +161,12 @@ def _pct(k, n):
     return f"{100 * k / n:.2f}% ({k}/{n})"
 
 
+def _with_interval(k, n):
+    """'57.00% (57/100), 95% CI 47.2-66.3%': the Wilson score interval of k right out of n."""
+    lo, hi = intervals.wilson(k, n)
+    return f"{_pct(k, n)}, 95% CI {100 * lo:.1f}-{100 * hi:.1f}%"
+
+
 def report_labelled(res, classes, data, out, args, problems, missing, max_mistakes=48):
     m = metrics(res["labels"], res["top_i"], len(classes))
     n, correct = m["n"], m["correct"]
@@ -168,11 +174,14 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
     has_top5 = len(classes) > TOPK
     top5 = m["topk_correct"] / n if has_top5 else None
 
-    say(f"Top-1 accuracy: {_pct(correct, n)}")
+    labels, top_i, top_p = res["labels"].tolist(), res["top_i"].tolist(), res["top_p"].tolist()
+    per_class = [[int(top_i[k][0] == c) for k in range(n) if labels[k] == c] for c in range(len(classes))]
+    _, recall_lo, recall_hi = intervals.macro_recall(per_class)
+    say(f"Top-1 accuracy: {_with_interval(correct, n)}")
     if has_top5:
-        say(f"Top-5 accuracy: {_pct(m['topk_correct'], n)}")
-    say(f"Macro-averaged recall: {100 * m['macro_recall']:.2f}% (mean over the {m['classes_present']} "
-        "classes present)")
+        say(f"Top-5 accuracy: {_with_interval(m['topk_correct'], n)}")
+    say(f"Macro-averaged recall: {100 * m['macro_recall']:.2f}%, 95% CI {100 * recall_lo:.1f}-{100 * recall_hi:.1f}% "
+        f"(mean over the {m['classes_present']} classes present; interval by resampling photos within classes)")
     present = [i for i in range(len(classes)) if m["per_n"][i]]
     weakest = sorted((i for i in present if m["per_correct"][i] < m["per_n"][i]),
                      key=lambda i: (m["per_correct"][i] / m["per_n"][i], i))[:5]
@@ -191,13 +200,16 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
 
     files.write_json(out / "score.json", {
         "top1": top1, "top5": top5, "macro_recall": m["macro_recall"], "n": n, "correct": correct,
+        "top1_ci95": list(intervals.wilson(correct, n)),
+        "top5_ci95": list(intervals.wilson(m["topk_correct"], n)) if has_top5 else None,
+        "macro_recall_ci95": [recall_lo, recall_hi],
+        "ci95_method": "Wilson score interval (top-1, top-5); bootstrap over photos within classes (macro recall)",
         "top5_correct": m["topk_correct"] if has_top5 else None,
         "checkpoint": str(args.checkpoint), "data": str(args.data), "tta": bool(args.tta),
         "classes_missing_from_data": missing, "skipped": list(problems.items),
         "most_confused": [{"true": classes[t], "predicted": classes[p], "count": c}
                           for t, p, c in m["confused_pairs"]],
     })
-    labels, top_i, top_p = res["labels"].tolist(), res["top_i"].tolist(), res["top_p"].tolist()
     files.write_csv(out / "predictions.csv", ["file", "true", "predicted", "confidence", "top5"], [
         [_rel(f, data), classes[y], classes[i[0]], f"{p[0]:.4f}", "|".join(classes[j] for j in i)]
         for f, y, i, p in zip(res["paths"], labels, top_i, top_p)])

@@ -1,25 +1,29 @@
-"""The two training stages of the recipe: their shared flags, start, resume, per-epoch bookkeeping and end.
+"""The two training stages of the recipe: their shared flags, settings, start, resume, epochs and end.
 
-Stage 1 (lr 1e-4) keeps the epoch where the train/val gap starts to widen (recipe.choose);
+Stage 1 (lr 1e-4) keeps the epoch its rule chooses (smalldata/rule.py; --rule) as divergence.pth;
 stage 2 (lr 1e-7) starts there and keeps its last epoch (or, with --keep best, its steady best) as final.pth.
+One epoch reads top to bottom in train_epochs: train, measure, observe, keep, save, report.
 """
+import dataclasses
 import shutil
 import sys
+import time
 from pathlib import Path
 
-from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, plots, recipe, runtime
+from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, plots, rule as rules, runtime
 from .cli import UsageError, say
-from .data import DEVICE_SHARE, load_training_data
+from .data import AUGMENTATIONS, DEVICE_SHARE, Augment, load_training_data
 from .folders import refuse_overlap
 from .keeper import Keeper
 from .model import build_model, count_parameters, imagenet_available
-from .train import METRIC_COLUMNS, fit, make_loop, restore_training_state, training_state
+from .train import (average_spec, make_loop, measure, metric_columns, restore_training_state, train_epoch,
+                    training_state)
 
-# Arguments that define a run: a rerun with other values must not silently continue the old one.
+# Settings that define a run: a rerun with other values must not silently continue the old one. The
+# rule is not among them: it only reads the history, so a resumed run may be decided by other flags.
 RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
-                "no_ocm", "weight_decay", "gap_window", "patience", "min_epochs", "noise_z", "deterministic",
-                "no_precise_bn", "keep")
-STAGE_FILES = ("last.pth", "best.pth", "metrics.csv", "curves.png", "divergence.json", "args.json")
+                "no_ocm", "weight_decay", "deterministic", "no_precise_bn", "augment", "measure_averages")
+STAGE_FILES = ("last.pth", "best.pth", "metrics.csv", "watch.csv", "curves.png", "divergence.json", "args.json")
 
 
 def add_training_args(p, lr, epochs):
@@ -32,6 +36,13 @@ def add_training_args(p, lr, epochs):
     p.add_argument("--epochs", type=cli.positive_int, default=epochs, help="most epochs to train")
     p.add_argument("--batch-size", type=cli.positive_int, default=32,
                    help="images per step; a last, smaller batch of an epoch is left out")
+    p.add_argument("--augment", choices=list(AUGMENTATIONS), default="full",
+                   help="augmentation of the training batches: full (crop 35-100 %%, flip, rotate +-15 degrees, "
+                        "colour +-20 %%), light (crop 70-100 %%, flip) or none")
+    p.add_argument("--measure-averages", nargs="+", type=average_spec, default=[], metavar="AVG",
+                   help="for comparison: also measure weight averages every epoch (emaT: exponential moving "
+                        "average with a time constant of T epochs; swa: mean of the last quarter's epochs) "
+                        "as <AVG>_val_acc, ... in metrics.csv; no decision reads them")
     p.add_argument("--no-br", action="store_true", help="leave data/br out of the training set")
     p.add_argument("--no-ocm", action="store_true", help="leave data/ocm out of the training set")
     p.add_argument("--watch", type=cli.existing_dir,
@@ -63,6 +74,91 @@ def add_training_args(p, lr, epochs):
                    help="under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm) "
                         "instead of each worker's share")
     cli.add_device_arg(p)
+
+
+# ---------------------------------------------------------------- settings, resolved once
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    """A stage's settings, resolved once from the arguments (and, on a resume, from the run's own), then
+    read everywhere; never changed afterwards. Field names are the flags'."""
+    stage: str  # "1e-4" or "1e-7"
+    data: Path
+    out: Path
+    arch: str
+    img_size: int
+    lr: float
+    weight_decay: float
+    epochs: int
+    batch_size: int
+    seed: int
+    augment: str
+    no_br: bool
+    no_ocm: bool
+    watch: Path | None
+    no_cache: bool
+    data_on: str
+    no_precise_bn: bool
+    keep_all: bool
+    deterministic: bool
+    compile: bool
+    sync_bn: bool
+    device: str
+    measure_averages: tuple
+    resume: Path | None
+    fresh: bool
+    rule: rules.Rule  # what the stage keeps, and whether it stops early
+    rule_flags: dict  # the flags that made `rule` (written to args.json under their own names)
+    divergence: rules.Divergence | None = None  # stage 1: the recipe's rule, reported beside another --rule
+    weights: str | None = None  # stage 1: imagenet, none or PATH
+    init: Path | None = None  # stage 2: the checkpoint it starts from
+    init_id: str | None = None  # stage 2: size and mtime of --init, so a retrained --init is a new run
+    keep: str | None = None  # stage 2: last or best
+
+    @property
+    def dir(self):
+        return Path(self.out) / self.stage
+
+    def to_json(self):
+        skip = ("rule", "rule_flags", "divergence")
+        return checkpoint.json_args({**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                                        if f.name not in skip}, **self.rule_flags})
+
+
+def resolve(args, stage, prev=None, init=None):
+    """The StageConfig of `args`; on a resume, the run-defining settings of the run being continued
+    (a rule flag that differs is said in one line and applies from here: the rule only reads the history)."""
+    rule_flags = {k: getattr(args, k) for k in rules.RULE_FLAGS if hasattr(args, k)}
+    if stage == "1e-4":
+        rule, divergence = rules.from_args(rule_flags), rules.from_settings("divergence", rule_flags)
+    else:  # stage 2: the recipe's "ep20" keeps the last epoch; --keep best the steady best
+        rule, divergence = rules.SteadyBest() if args.keep == "best" else rules.LastEpoch(), None
+    fixed = ("stage", "rule", "rule_flags", "divergence")
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StageConfig)
+              if f.name not in fixed and hasattr(args, f.name)}
+    values["measure_averages"] = tuple(values.get("measure_averages") or ())
+    if init is not None:  # stage 2: the model and its input come from the checkpoint
+        values.update(arch=init["arch"], img_size=init["img_size"])
+    if prev is not None:
+        old = prev["args"]
+        for k in RUN_DEFINING:
+            if k in old and k in values:
+                values[k] = tuple(old[k]) if isinstance(values[k], tuple) else type_like(values[k], old[k])
+        values.update(arch=prev["arch"], img_size=prev["img_size"])
+        changed = [f"--{k.replace('_', '-')} {old[k]} -> {vars(args)[k]}" for k in rules.RULE_FLAGS
+                   if k in old and k in vars(args) and str(old[k]) != str(vars(args)[k])]
+        if changed:
+            say(f"note: the rule's flags differ from the resumed run's ({', '.join(changed)}); the new ones decide "
+                "from here, replayed over the whole history")
+    return StageConfig(stage=stage, rule=rule, rule_flags=rule_flags, divergence=divergence,
+                       **{k: values.get(k) for k in (f.name for f in dataclasses.fields(StageConfig)) if k not in fixed})
+
+
+def type_like(current, old):
+    """A setting read back from a run's args.json (JSON types) as the type of the parsed flag."""
+    if old is None or current is None or isinstance(current, bool):
+        return old
+    return type(current)(old) if not isinstance(current, Path) else Path(old)
 
 
 # ---------------------------------------------------------------- start and resume
@@ -99,15 +195,17 @@ def previous_run(args, stage_dir):
         raise UsageError(f"{path} is not a last.pth (it has no training history): --resume takes a last.pth; "
                          "to start from a chosen epoch use --weights PATH (stage 1) or --init PATH (stage 2)")
     old = ckpt["args"]
-    differ = [k for k in RUN_DEFINING if k in old and str(old[k]) != str(vars(args).get(k))]
+    differ = [k for k in RUN_DEFINING if k in old and hasattr(args, k) and str(old[k]) != str(_flat(vars(args)[k]))]
     if differ and not args.resume:
         raise UsageError(f"{stage_dir} holds a run made with other arguments ("
-                         + ", ".join(f"{k}: {old[k]} -> {vars(args).get(k)}" for k in differ)
+                         + ", ".join(f"{k}: {old[k]} -> {_flat(vars(args)[k])}" for k in differ)
                          + "); pass --resume to continue it, or --fresh to start over (deletes its files)")
-    for k in RUN_DEFINING:  # a resumed run keeps the arguments that made it
-        if k in old:
-            setattr(args, k, old[k])
     return ckpt
+
+
+def _flat(value):
+    """A flag's value as args.json writes it (lists of strings), for comparing with a run's own."""
+    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value) if isinstance(value, Path) else value
 
 
 def finished(ckpt, args, stage_dir):
@@ -130,44 +228,45 @@ def restore_named(target, stage_dir, epoch):
     say(f"{target} was missing; written again from {source} (epoch {epoch})")
 
 
-def initial_model(args, classes):
+def initial_model(cfg, classes):
     """Stage 1's starting model and a note for the banner: ImageNet, none, or one of our checkpoints."""
-    if args.weights == "none":
-        return build_model(args.arch, len(classes)), "from scratch (--weights none)"
-    if args.weights == "imagenet":
-        note = "ImageNet weights" + ("" if imagenet_available(args.arch) else " (downloading)")
-        return build_model(args.arch, len(classes), "imagenet"), note
-    ckpt = checkpoint.load(args.weights)
-    if ckpt["arch"] != args.arch:
-        raise UsageError(f"{args.weights} is a {ckpt['arch']} checkpoint, not {args.arch}; pass --arch {ckpt['arch']}")
-    model = build_model(args.arch, len(classes))
+    if cfg.weights == "none":
+        return build_model(cfg.arch, len(classes)), "from scratch (--weights none)"
+    if cfg.weights == "imagenet":
+        note = "ImageNet weights" + ("" if imagenet_available(cfg.arch) else " (downloading)")
+        return build_model(cfg.arch, len(classes), "imagenet"), note
+    ckpt = checkpoint.load(cfg.weights)
+    if ckpt["arch"] != cfg.arch:
+        raise UsageError(f"{cfg.weights} is a {ckpt['arch']} checkpoint, not {cfg.arch}; pass --arch {ckpt['arch']}")
+    model = build_model(cfg.arch, len(classes))
     state = ckpt["model"]
     if ckpt["classes"] != list(classes):  # other classes: keep the body, start a fresh head
         head = {k for k, v in model.state_dict().items() if k in state and v.shape != state[k].shape}
         state = {k: v for k, v in state.items() if k not in head}
-        checkpoint.load_weights(model, state, args.weights, args.arch, strict=False)
-        return model, f"body of {args.weights} (other classes: new head)"
-    checkpoint.load_weights(model, state, args.weights, args.arch)
-    return model, f"weights of {args.weights} (epoch {ckpt['epoch']})"
+        checkpoint.load_weights(model, state, cfg.weights, cfg.arch, strict=False)
+        return model, f"body of {cfg.weights} (other classes: new head)"
+    checkpoint.load_weights(model, state, cfg.weights, cfg.arch)
+    return model, f"weights of {cfg.weights} (epoch {ckpt['epoch']})"
 
 
 # ---------------------------------------------------------------- one stage's run
 
 class StageRun:
-    """The glue of one stage: the loop (train.py), its files (keeper.py) and its history."""
+    """The glue of one stage: the loop (train.py), its files (keeper.py), its rule and its history."""
 
-    def __init__(self, args, stage_dir, title, model, data, meta, prev, runtime_, problems):
-        self.args, self.dir, self.title, self.data, self.problems = args, Path(stage_dir), title, data, problems
+    def __init__(self, cfg, title, model, data, meta, prev, runtime_, problems):
+        self.cfg, self.dir, self.title, self.data, self.problems = cfg, cfg.dir, title, data, problems
         device, amp = runtime_
-        self.loop = make_loop(model, lr=args.lr, weight_decay=args.weight_decay, device=device, amp=amp,
-                              mean=meta["mean"], std=meta["std"], batch_size=args.batch_size, seed=args.seed,
-                              compile=args.compile, precise_bn=not args.no_precise_bn, sync_bn=args.sync_bn)
+        self.loop = make_loop(model, lr=cfg.lr, weight_decay=cfg.weight_decay, device=device, amp=amp,
+                              mean=meta["mean"], std=meta["std"], batch_size=cfg.batch_size, seed=cfg.seed,
+                              compile=cfg.compile, precise_bn=not cfg.no_precise_bn, sync_bn=cfg.sync_bn,
+                              augment=Augment(**AUGMENTATIONS[cfg.augment]), averages=cfg.measure_averages)
         self.main = runtime.is_main()  # under torchrun only rank 0 writes files
-        self.keeper = Keeper(stage_dir, {**meta, "args": args}, args.keep_all, writes=self.main)
+        self.keeper = Keeper(self.dir, {**meta, "args": cfg.to_json()}, cfg.keep_all, writes=self.main)
         self.history, self.state, self.first_epoch = [], {}, 1
         if self.main:
             self.dir.mkdir(parents=True, exist_ok=True)
-            files.write_json(self.dir / "args.json", checkpoint.json_args(args))
+            files.write_json(self.dir / "args.json", cfg.to_json())
         if prev:
             restore_training_state(self.loop, prev)
             self.keeper.restore(prev)
@@ -177,30 +276,25 @@ class StageRun:
                 + ("" if prev.get("optimizer") else "; a finished stage keeps no Adam state, so Adam starts afresh"))
 
     def banner(self, weights_note, meta):
-        a, classes = self.args, meta["classes"]
+        c, classes = self.cfg, meta["classes"]
         say(f"== {self.title}")
-        say(f"{runtime.describe(self.loop.device, self.loop.amp)}, compile {'on' if a.compile else 'off'}")
+        say(f"{runtime.describe(self.loop.device, self.loop.amp)}, compile {'on' if c.compile else 'off'}")
         say(f"classes ({len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         say("images: " + ", ".join(f"{k} {v}" for k, v in self.data["counts"].items()) + f" at {meta['img_size']} px")
         say("decoded images: " + ", ".join(f"{k} {v}" for k, v in self.data["how"].items())
-            + ("" if a.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a "
+            + ("" if c.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a "
                                      "file changes)"))
         say(f"data: {self.data['where']}")
         say(f"model {meta['arch']} {count_parameters(self.loop.model):,} parameters; {weights_note}; Adam lr "
-            f"{a.lr:g}, weight decay {a.weight_decay:g}, batch {a.batch_size}, epochs {self.first_epoch}..{a.epochs}")
-        say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if a.no_precise_bn else
-                                        "recomputed on the training originals before each evaluation"))
-        if a.watch:
-            say(f"watch: {a.watch} is scored every epoch (watch_acc in metrics.csv) for analysis only; "
+            f"{c.lr:g}, weight decay {c.weight_decay:g}, batch {c.batch_size}, epochs {self.first_epoch}..{c.epochs}")
+        say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if c.no_precise_bn else
+                                        "exact, of the training originals, recomputed before each evaluation"))
+        say(f"augmentation: {c.augment} (--augment)" + (f"; weight averages measured for comparison: "
+                                                          f"{', '.join(c.measure_averages)}" if c.measure_averages else ""))
+        if c.watch:
+            say(f"watch: {c.watch} is scored every epoch (watch_acc in metrics.csv) for analysis only; "
                 "no decision reads it")
         say(f"outputs in {self.dir} (resolved arguments: {self.dir / 'args.json'})")
-
-    def keep(self, row, needed):
-        """After an epoch: host weights of the epochs still needed, metrics.csv, curves.png, last.pth."""
-        self.keeper.snapshot(self.loop.model, row, needed)
-        self.write_progress()
-        if row["epoch"] > 0:  # (stage 2's epoch 0 is its --init checkpoint, measured again on a rerun)
-            self.keeper.save_last(row["epoch"], self.training_state)
 
     def training_state(self, optimizer):
         return training_state(self.loop, self.history, self.state, optimizer)
@@ -209,13 +303,15 @@ class StageRun:
         if not self.main:
             return
         rows, writer = list(self.history), self.keeper.writer
-        writer.submit("metrics", files.write_csv, self.dir / "metrics.csv", METRIC_COLUMNS,
-                      [[r.get(c, "") for c in METRIC_COLUMNS] for r in rows])
+        columns = metric_columns(self.loop.averages)
+        writer.submit("metrics", files.write_csv, self.dir / "metrics.csv", columns,
+                      [[r.get(c, "") for c in columns] for r in rows])
+        if self.cfg.watch:  # which watched photos each epoch got right, in file order: paired comparisons
+            bits = ["watch_correct"] + [f"{a}_watch_correct" for a in self.loop.averages]
+            writer.submit("watch", files.write_csv, self.dir / "watch.csv", ["epoch"] + bits,
+                          [[r["epoch"]] + [r.get(c, "") for c in bits] for r in rows])
         writer.submit("curves", plots.training_curves, rows, self.dir / "curves.png", self.title,
-                      dict(self.state.get("marks", {})), getattr(self.args, "gap_window", recipe.Rule.window))
-
-    def fit(self, on_epoch, eval_first=False):
-        fit(self.loop, self.data, self.first_epoch, self.args.epochs, on_epoch, eval_first)
+                      dict(self.state.get("marks", {})), getattr(self.cfg.rule, "window", 5))
 
     def finish(self, named):
         """last.pth (finished) with the epoch files of the named checkpoints {path: epoch}, then those."""
@@ -233,30 +329,64 @@ class StageRun:
         return self.problems.exit_code()
 
 
-def open_stage(args, stage_dir, title, prev, init=None):
+def train_epochs(run, eval_first=False):
+    """The stage's epochs; each reads top to bottom: train, measure, observe, keep, save, report.
+    With eval_first (stage 2), the starting weights are measured first, as epoch 0. Returns the last decision."""
+    loop, data, cfg, decision = run.loop, run.data, run.cfg, None
+    if eval_first and run.first_epoch == 1:
+        run.history.append(measure(loop, data, 0, 0.0, (float("nan"), float("nan"), 0.0)))
+        decision = cfg.rule.observe(run.history)
+        run.keeper.snapshot(loop.model, run.history[-1], decision.needed | {decision.chosen})
+    for epoch in range(run.first_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{cfg.epochs}")  # train
+        for average in loop.averages.values():
+            average.after_epoch(loop.model, epoch, cfg.epochs)
+        row = measure(loop, data, epoch, time.perf_counter() - t0, aug)  # measure
+        run.history.append(row)
+        decision = cfg.rule.observe(run.history, set(run.keeper.kept) | {epoch})  # observe
+        run.keeper.snapshot(loop.model, row, decision.needed | {decision.chosen})  # keep
+        run.state.update(decision=compact(decision), stopped_early=decision.stop,
+                         marks={decision.chosen: "kept"} if decision.stop else {})
+        run.write_progress()
+        run.keeper.save_last(epoch, run.training_state)  # save
+        say(f"epoch {epoch:3d}  train {row['train_acc']:6.2f}%  val {row['val_acc']:6.2f}%  gap {row['gap']:6.2f}  "
+            f"val_loss {row['val_loss']:.4f}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")  # report
+        if decision.stop:
+            say(decision.reason)
+            break
+    return decision if decision is not None else cfg.rule.observe(run.history, set(run.keeper.kept))
+
+
+def compact(decision):
+    """A decision as the stage's state keeps it (JSON; the tests are in divergence.json)."""
+    evidence = {k: v for k, v in decision.evidence.items() if k != "tests"}
+    return {"stop": decision.stop, "chosen_epoch": decision.chosen, "reason": decision.reason, **evidence}
+
+
+def open_stage(cfg, title, prev, init=None):
     """Decode the data and build the StageRun; `init` is the checkpoint stage 2 starts from."""
     problems = cli.Problems()
-    device_amp = runtime.setup(args.device, args.seed, args.deterministic)
+    device_amp = runtime.setup(cfg.device, cfg.seed, cfg.deterministic)
     workers = runtime.world()[1]
-    if args.batch_size % workers:
-        raise UsageError(f"--batch-size {args.batch_size} is the global batch; it must divide among the "
-                         f"{workers} torchrun workers (try {args.batch_size - args.batch_size % workers or workers})")
-    if args.sync_bn and (workers == 1 or device_amp[0].type != "cuda"):
+    if cfg.batch_size % workers:
+        raise UsageError(f"--batch-size {cfg.batch_size} is the global batch; it must divide among the "
+                         f"{workers} torchrun workers (try {cfg.batch_size - cfg.batch_size % workers or workers})")
+    if cfg.sync_bn and (workers == 1 or device_amp[0].type != "cuda"):
         raise UsageError("--sync-bn is for torchrun runs on GPUs (PyTorch's SyncBatchNorm has no CPU version)")
     source = prev or init
-    img_size = source["img_size"] if source else args.img_size
     with runtime.main_first():  # rank 0 writes the decode cache, the other workers read it
-        data = load_training_data(args.data, img_size, problems, source and source["classes"], not args.no_br,
-                                  not args.no_ocm, args.watch, not args.no_cache, device_amp[0], args.data_on)
+        data = load_training_data(cfg.data, cfg.img_size, problems, source and source["classes"], not cfg.no_br,
+                                  not cfg.no_ocm, cfg.watch, not cfg.no_cache, device_amp[0], cfg.data_on)
     if source:
-        model = checkpoint.build_from(source, args.resume or stage_dir / "last.pth" if prev else args.init)
+        model = checkpoint.build_from(source, cfg.resume or cfg.dir / "last.pth" if prev else cfg.init)
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}
-        note = "resumed" if prev else f"weights of {args.init} (epoch {init['epoch']}), fresh Adam"
+        note = "resumed" if prev else f"weights of {cfg.init} (epoch {init['epoch']}), fresh Adam"
     else:
-        model, note = initial_model(args, data["classes"])
-        meta = dict(arch=args.arch, classes=data["classes"], img_size=img_size, mean=list(IMAGENET_MEAN),
+        model, note = initial_model(cfg, data["classes"])
+        meta = dict(arch=cfg.arch, classes=data["classes"], img_size=cfg.img_size, mean=list(IMAGENET_MEAN),
                     std=list(IMAGENET_STD))
-    run = StageRun(args, stage_dir, title, model, data, meta, prev, device_amp, problems)
+    run = StageRun(cfg, title, model, data, meta, prev, device_amp, problems)
     run.banner(note, meta)
     return run
 
@@ -264,81 +394,72 @@ def open_stage(args, stage_dir, title, prev, init=None):
 # ---------------------------------------------------------------- stage 1
 
 def stage1(args):
-    """Train at lr 1e-4 and keep the epoch where the gap starts to widen; returns the exit code."""
+    """Train at lr 1e-4 and keep the epoch the rule chooses as divergence.pth; returns the exit code."""
     out, stage_dir = prepare_out(args, "1e-4")
     prev = previous_run(args, stage_dir)
     if finished(prev, args, stage_dir):
         restore_named(out / "divergence.pth", stage_dir, prev["stage"]["decision"]["chosen_epoch"])
         return cli.EXIT_OK
-    rule = recipe.Rule(args.gap_window, args.patience, args.min_epochs, args.noise_z)
-    run = open_stage(args, stage_dir, f"stage 1: {args.arch} lr {args.lr:g}", prev)
-    say(f"divergence rule: from epoch {rule.min_epochs}, over {rule.window}-epoch windows, the gap must widen "
-        f"beyond {rule.z:g} standard errors for {rule.patience} epochs in a row (details: divergence.json)"
-        + ("; --no-early-stop: training goes on after it fires" if args.no_early_stop else ""))
-
-    def fired():  # (a finished run that is extended keeps its fallback choice in the state too)
-        return run.state.get("decision", {}).get("fired", False)
-
-    def on_epoch(row):
-        run.history.append(row)
-        if not fired():
-            decision = recipe.choose(run.history, rule, set(run.keeper.kept) | {row["epoch"]})
-            if decision["fired"]:
-                run.state["decision"] = compact(decision)
-                run.state["marks"] = {decision["chosen_epoch"]: "divergence.pth"}
-                say(decision["reason"])
-        decided = {run.state["decision"]["chosen_epoch"]} if fired() else set()
-        run.keep(row, recipe.still_needed(run.history, rule) | decided)
-        run.state["stopped_early"] = fired() and not args.no_early_stop
-        return run.state["stopped_early"]
-
-    run.fit(on_epoch)
-    return end_stage1(run, rule, out, stage_dir)
+    cfg = resolve(args, "1e-4", prev)
+    run = open_stage(cfg, f"stage 1: {cfg.arch} lr {cfg.lr:g}", prev)
+    say(f"rule: {describe_rule(cfg.rule)} (details: divergence.json)")
+    decision = train_epochs(run)
+    return end_stage1(run, decision, out, stage_dir)
 
 
-def compact(decision):
-    return {k: v for k, v in decision.items() if k != "tests"}
+def describe_rule(rule):
+    if isinstance(rule, rules.Divergence):
+        return (f"divergence: from epoch {rule.min_epochs}, over {rule.window}-epoch windows, the gap must widen "
+                f"beyond {rule.z:g} standard errors for {rule.patience} epochs in a row"
+                + ("" if rule.early_stop else "; --no-early-stop: training goes on after it fires"))
+    return f"{rule.name}: {rule.text}"
 
 
-def end_stage1(run, rule, out, stage_dir):
-    history, available = run.history, set(run.keeper.kept)
-    fired = run.state.get("decision", {}).get("fired", False)
-    decision = run.state["decision"] if fired else compact(recipe.choose(history, rule, available))
-    chosen = decision["chosen_epoch"]
-    best = recipe.steady_best(history, rule.window // 2, available)
-    run.state.update(decision=decision, marks={chosen: "divergence.pth", **({best: "best.pth"} if best != chosen else {})})
-    if not decision["fired"]:
-        say(decision["reason"])
+def end_stage1(run, decision, out, stage_dir):
+    history, cfg = run.history, run.cfg
+    chosen = decision.chosen
+    best = rules.steady_best(history, 2, set(run.keeper.kept))
+    run.state.update(decision=compact(decision), marks={chosen: "divergence.pth", **({best: "best.pth"} if best != chosen else {})})
+    if not decision.stop:
+        say(decision.reason)
     row = next(r for r in history if r["epoch"] == chosen)
     warnings = []
-    if recipe.near_chance(row["val_acc"], row["val_n"], len(run.data["classes"])):
+    if rules.near_chance(row["val_acc"], row["val_n"], len(run.data["classes"])):
         warnings.append(f"the kept epoch's val_acc {row['val_acc']:.1f} % is within noise of chance "
                         f"({100 / len(run.data['classes']):.1f} %): the model has not learnt much")
         say(f"warning: {warnings[-1]}", file=sys.stderr)
     if run.main:
-        write_divergence_json(stage_dir / "divergence.json", history, rule, decision, warnings, out / "divergence.pth")
+        write_divergence_json(stage_dir / "divergence.json", history, cfg, decision, warnings, out / "divergence.pth")
     say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
     return run.finish({out / "divergence.pth": chosen, stage_dir / "best.pth": best})
 
 
-def write_divergence_json(path, history, rule, decision, warnings, checkpoint_path):
-    upto = [r for r in history if r["epoch"] <= decision.get("fired_at", history[-1]["epoch"])]
-    tests = recipe.divergence(upto, rule)["tests"]
-    good, sv = recipe.qualifying(history, rule.window // 2)
+def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_path):
+    """Why divergence.pth holds its epoch: the rule, its reason and numbers, every epoch's noise, and, when
+    another rule chose, what the recipe's divergence rule would have done on the same history."""
+    good, sv = rules.qualifying(history, 2)
     epochs = [{"epoch": r["epoch"], "train_acc": r["train_acc"], "val_acc": r["val_acc"], "gap": r["gap"],
-               "val_se": round(recipe.se_points(r["val_acc"], r["val_n"]), 3), "smoothed_val": round(v, 3),
-               "gap_se": round(recipe.gap_se(r), 3)} for r, v in zip(history, sv)]
-    files.write_json(path, {**decision, "checkpoint": str(checkpoint_path), "warnings": warnings,
-                            "rule": recipe.rule_dict(rule), "epochs_within_one_se_of_best_val": good,
-                            "epochs": epochs, "tests": tests})
+               "val_se": round(rules.se_points(r["val_acc"], r["val_n"]), 3), "smoothed_val": round(v, 3),
+               "gap_se": round(rules.gap_se(r), 3), "val_loss": r["val_loss"], "val_loss_se": r.get("val_loss_se")}
+              for r, v in zip(history, sv)]
+    body = {"chosen_epoch": decision.chosen, "reason": decision.reason, "stopped_early": decision.stop,
+            "checkpoint": str(checkpoint_path), "warnings": warnings, "rule": cfg.rule.settings(),
+            **{k: v for k, v in decision.evidence.items() if k != "tests"}}
+    if not isinstance(cfg.rule, rules.Divergence):
+        would = cfg.divergence.observe(history)
+        body["divergence_rule_would"] = {"fired": would.evidence["fired"], "fired_at": would.evidence.get("fired_at"),
+                                         "chosen_epoch": would.chosen, "reason": would.reason}
+        decision = would
+    files.write_json(path, {**body, "epochs_within_one_se_of_best_val": good, "epochs": epochs,
+                            "tests": decision.evidence.get("tests", [])})
 
 
 # ---------------------------------------------------------------- stage 2
 
 def stage2(args):
     """Fine-tune from --init at lr 1e-7 and keep the last (or steady best) epoch as final.pth."""
-    args.init = args.init or str(Path(args.out) / "divergence.pth")
+    args.init = args.init or Path(args.out) / "divergence.pth"
     stat = Path(args.init).stat() if Path(args.init).is_file() else None
     args.init_id = f"{stat.st_size}:{stat.st_mtime_ns}" if stat else None  # a retrained --init is a new run
     out, stage_dir = prepare_out(args, "1e-7")
@@ -347,21 +468,16 @@ def stage2(args):
         restore_named(out / "final.pth", stage_dir, prev["stage"]["final_epoch"])
         return cli.EXIT_OK
     init = None if prev else checkpoint.load(args.init)
-    run = open_stage(args, stage_dir, f"stage 2: lr {args.lr:g} from {Path(args.init).name}", prev, init)
-
-    def on_epoch(row):
-        run.history.append(row)
-        run.keep(row, {recipe.steady_best(run.history)})
-        return False
-
-    run.fit(on_epoch, eval_first=True)
+    cfg = resolve(args, "1e-7", prev, init)
+    run = open_stage(cfg, f"stage 2: lr {cfg.lr:g} from {Path(cfg.init).name}", prev, init)
+    decision = train_epochs(run, eval_first=True)
     history = run.history
-    last, best = history[-1]["epoch"], recipe.steady_best(history, available=set(run.keeper.kept))
-    final = last if args.keep == "last" else best
+    last, best = history[-1]["epoch"], rules.steady_best(history, available=set(run.keeper.kept))
+    final = decision.chosen
     run.state.update(final_epoch=final, marks={final: "final.pth"})
     rows = {r["epoch"]: r for r in history}
     say(f"\n{'':22}{'val_acc':>9}{'gap':>9}")
     for label, epoch in (("start (ep 0)", 0), (f"last (ep {last})", last), (f"steady best (ep {best})", best)):
         say(f"{label:22}{rows[epoch]['val_acc']:9.2f}{rows[epoch]['gap']:9.2f}")
-    say(f"final.pth: {out / 'final.pth'} = epoch {final} ({args.keep}, --keep); epoch 0 is the --init checkpoint")
+    say(f"final.pth: {out / 'final.pth'} = epoch {final} ({cfg.keep}, --keep); epoch 0 is the --init checkpoint")
     return run.finish({out / "final.pth": final})

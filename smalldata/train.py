@@ -1,8 +1,9 @@
-"""The training loop both stages share: one epoch, the measurements after it, and fit() that runs them.
+"""The training loop both stages share: one epoch, and the measurements after it.
 
-This module trains and measures; what a stage keeps and when it stops is decided in
-stages.py by the rules of recipe.py.
+This module trains and measures; the stage's epochs (stages.train_epochs) ask the rules of
+rule.py what to keep and when to stop.
 """
+import copy
 import math
 import sys
 import time
@@ -10,16 +11,21 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import update_bn
 from tqdm import tqdm
 
 from . import checkpoint, runtime
 from .cli import say
-from .data import Augment, Normalize, batch_order, device_batches
+from .data import Augment, Normalize, available_memory, batch_order, device_batches
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
-                  "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc"]
+                  "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc", "train_loss_se", "val_loss_se"]
+AVERAGE_COLUMNS = ["val_acc", "val_loss", "val_loss_se", "watch_acc"]  # per measured weight average, name_ first
+
+
+def metric_columns(averages=()):
+    return METRIC_COLUMNS + [f"{a}_{c}" for a in averages for c in AVERAGE_COLUMNS]
 
 
 @dataclass
@@ -35,6 +41,7 @@ class Loop:
     compile: bool = False
     precise_bn: bool = True
     augment: Augment = field(default_factory=Augment)
+    averages: dict = field(default_factory=dict)  # name -> WeightAverage, measured beside the trained weights
 
     def __post_init__(self):
         self.scaler = runtime.grad_scaler(self.amp)
@@ -47,7 +54,7 @@ class Loop:
 
 
 def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, seed, compile=False,
-              precise_bn=True, sync_bn=False):
+              precise_bn=True, sync_bn=False, augment=None, averages=()):
     if sync_bn:  # BatchNorm statistics over the global batch, not each worker's share (GPUs only)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -56,7 +63,8 @@ def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, se
     # fused: one kernel for all parameters instead of a loop over 30+ tensors
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
     return Loop(model, optimizer, device, amp, Normalize(mean, std, device), batch_size,
-                torch.Generator().manual_seed(seed), compile, precise_bn)
+                torch.Generator().manual_seed(seed), compile, precise_bn, augment or Augment(),
+                {spec: WeightAverage(model, spec) for spec in averages})
 
 
 def train_epoch(loop, x_all, y_all, desc="train", steps=None):
@@ -88,6 +96,8 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
         loop.scaler.scale(loss).backward()
         loop.scaler.step(loop.optimizer)
         loop.scaler.update()
+        for average in loop.averages.values():
+            average.after_step(loop.model, len(batches))
         loss_sum += loss.detach().float() * len(idx)  # accumulated on the device: no host sync per step
         correct += (logits.argmax(1) == y).sum()
         if step == 0:
@@ -117,67 +127,234 @@ def _batches(loop, x_all, shard=False):
         yield idx, loop.norm(x)
 
 
-@torch.no_grad()
-def precise_bn(loop, x_all):
-    """Recompute the BatchNorm running statistics on `x_all` in train mode ("precise BN").
+class _Truncate(Exception):
+    """Raised by a hook to end a forward pass once the layer it measures has seen its input."""
 
-    The running averages (momentum 0.1) lag far behind weights that changed a lot in a few steps;
-    evaluated with them, accuracy swings from epoch to epoch although the weights barely differ.
+
+def batchnorm_layers(model, probe):
+    """The BatchNorm layers of `model` that keep running statistics, in the order a forward pass calls
+    them (found with one image: the order the modules were declared in need not be that order)."""
+    order, handles = [], []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            handles.append(m.register_forward_pre_hook(lambda mod, _: order.append(mod) if mod not in order else None))
+    try:
+        model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def bn_chunk(model, probe):
+    """How many images one forward pass of the precise-BN computation may hold: a quarter of the free
+    memory over the largest activation of one image (x3: input, output and the statistics' copy)."""
+    largest = [0]
+
+    def note(_, __, out):
+        if torch.is_tensor(out):
+            largest[0] = max(largest[0], out.numel() * 4)
+    handles = [m.register_forward_hook(note) for m in model.modules()]
+    try:
+        model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(1, int(0.25 * available_memory(probe.device) // (3 * max(largest[0], 1))))
+
+
+def _moments(x):
+    """(count, sum, sum of squares) per channel of a BatchNorm input, in float64 (float32 inside a batch)."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.float(), dims, correction=0)
+    count = x.numel() // x.shape[1]
+    return torch.cat([torch.tensor([count], device=x.device, dtype=torch.float64), count * mean.double(),
+                      count * (var.double() + mean.double() ** 2)])
+
+
+def _set_statistics(layer, moments):
+    """Running mean and (unbiased, as BatchNorm keeps it) variance from summed moments."""
+    count, channels = moments[0], layer.running_mean.numel()
+    mean = moments[1:1 + channels] / count
+    var = (moments[1 + channels:] / count - mean ** 2).clamp_(min=0) * count / max(count - 1, 1)
+    layer.running_mean.copy_(mean)
+    layer.running_var.copy_(var)
+
+
+@torch.no_grad()
+def precise_bn(loop, x_all, model=None, chunk=None):
+    """Exact BatchNorm statistics of the weights on `x_all` (the training originals): each layer gets
+    the mean and variance of its input over every image, with the layers before it already normalised
+    by their own exact statistics, which is what evaluation then sees. Independent of the batch size
+    and of the number of torchrun workers (each takes its share, the sums are added up).
+
+    Why: the running averages (momentum 0.1) lag behind weights that changed a lot in a few steps, and
+    averaging per-batch statistics weighs a small last batch like a full one and leaves out the spread
+    between batches. When a worker's share fits in one forward pass (`chunk` images, from the free
+    memory), one pass does it: each layer normalises its whole input with the statistics of that input.
+    Otherwise one pass per layer, each cut short after that layer.
     """
-    with runtime.autocast(loop.device, loop.amp):  # (each worker the whole set: all get the same statistics)
-        update_bn((x for _, x in _batches(loop, x_all)), loop.model)
+    model = model or loop.model
+    model.eval()
+    rank, workers, _ = runtime.world()
+    share = torch.arange(len(x_all)).tensor_split(workers)[rank]
+    probe = _images(loop, x_all, torch.arange(1))
+    with runtime.autocast(loop.device, loop.amp):
+        layers = batchnorm_layers(model, probe)
+        if not layers:
+            return
+        chunk = chunk or getattr(loop, "bn_chunk", None) or bn_chunk(model, probe)
+        loop.bn_chunk = chunk
+        single = torch.tensor(float(len(share) <= chunk), device=loop.device)
+        runtime.all_min(single)  # every worker takes the same way
+        if single.item():
+            def exact(layer, inputs):
+                _set_statistics(layer, runtime.all_sum_tensor(_moments(inputs[0])))
+            handles = [layer.register_forward_pre_hook(exact) for layer in layers]
+            try:
+                model(_images(loop, x_all, share))
+            finally:
+                for h in handles:
+                    h.remove()
+            return
+        for layer in layers:  # one pass per layer: its input no longer depends on how images are grouped
+            moments = torch.zeros(1 + 2 * layer.running_mean.numel(), device=loop.device, dtype=torch.float64)
+
+            def collect(_, inputs):
+                moments.add_(_moments(inputs[0]))
+                raise _Truncate
+            handle = layer.register_forward_pre_hook(collect)
+            try:
+                for idx in share.split(chunk):
+                    try:
+                        model(_images(loop, x_all, idx))
+                    except _Truncate:
+                        pass
+            finally:
+                handle.remove()
+            _set_statistics(layer, runtime.all_sum_tensor(moments))
+
+
+def _images(loop, x_all, idx):
+    return loop.norm(next(device_batches(x_all, [idx], [idx.to(loop.device)], loop.device)))
 
 
 @torch.inference_mode()
-def evaluate(loop, x_all, y_all):
-    """Loss and accuracy (%) in eval mode without augmentation; loss and argmax in float32,
-    so a decision read from them does not move with the autocast dtype. Under torchrun each
-    worker measures its share and the sums are added up: every worker gets the same numbers,
-    so every worker takes the same decisions."""
-    loop.model.eval()
-    loss_sum = torch.zeros((), device=loop.device)
-    correct = torch.zeros((), device=loop.device, dtype=torch.long)
+def evaluate(loop, x_all, y_all, model=None, per_image=False):
+    """(loss, its standard error, accuracy %) in eval mode without augmentation. The loss is the mean
+    cross-entropy over the images and its standard error that of a mean (sd / sqrt(n) of the per-image
+    losses), so a decision can tell a change from noise. Loss and argmax are in float32. Under torchrun
+    each worker measures its share and the sums are added up: every worker gets the same numbers,
+    so every worker takes the same decisions. With `per_image`, a fourth value: "0"/"1" per image, in
+    order, for whether it was classified correctly."""
+    model = model or loop.model
+    model.eval()
+    sums = torch.zeros(3, device=loop.device, dtype=torch.float64)  # loss, loss squared, correct
+    right = torch.zeros(len(y_all), device=loop.device, dtype=torch.float64) if per_image else None
     for idx, x in _batches(loop, x_all, shard=True):
         y = y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
-            logits = loop.model(x)
-        logits = logits.float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
-        correct += (logits.argmax(1) == y).sum()
-    loss_sum, correct = runtime.all_sum(loss_sum, correct)
-    return loss_sum.item() / len(y_all), 100.0 * correct.item() / len(y_all)
+            logits = model(x)
+        losses = F.cross_entropy(logits.float(), y, reduction="none").double()
+        hits = (logits.argmax(1) == y).double()
+        sums += torch.stack([losses.sum(), (losses * losses).sum(), hits.sum()])
+        if per_image:
+            right[idx] = hits
+    loss_sum, square_sum, correct = runtime.all_sum_tensor(sums).tolist()
+    n = len(y_all)
+    mean = loss_sum / n
+    se = math.sqrt(max(square_sum / n - mean * mean, 0.0) / (n - 1)) if n > 1 else math.nan
+    if per_image:
+        return mean, se, 100.0 * correct / n, "".join("1" if v else "0" for v in runtime.all_sum_tensor(right).tolist())
+    return mean, se, 100.0 * correct / n
 
 
 def measure(loop, data, epoch, seconds, aug):
-    """The epoch's row of metrics.csv: accuracy and loss on the training originals and on val
-    (and watch), after BatchNorm recalibration, so every saved checkpoint carries matching statistics."""
+    """The epoch's row of metrics.csv: accuracy, loss and the loss's standard error on the training
+    originals and on val (and watch), after exact BatchNorm statistics, so every saved checkpoint
+    carries statistics of its own weights. Weight averages (--measure-averages) are measured alike."""
     if loop.precise_bn:
         precise_bn(loop, data["orig"][0])
-    train_loss, train_acc = evaluate(loop, *data["orig"])
-    val_loss, val_acc = evaluate(loop, *data["val"])
+    train_loss, train_loss_se, train_acc = evaluate(loop, *data["orig"])
+    val_loss, val_loss_se, val_acc = evaluate(loop, *data["val"])
     row = {"epoch": epoch, "lr": loop.optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
            "train_acc": round(train_acc, 3), "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 3),
            "gap": round(train_acc - val_acc, 3), "train_n": len(data["orig"][1]), "val_n": len(data["val"][1]),
            "seconds": round(seconds, 3), "aug_loss": round(aug[0], 5), "aug_acc": round(aug[1], 3),
-           "images_per_s": round(aug[2], 1)}
-    if "watch" in data:  # analysis only: no decision reads it
-        row["watch_acc"] = round(evaluate(loop, *data["watch"])[1], 3)
+           "images_per_s": round(aug[2], 1), "train_loss_se": round(train_loss_se, 5),
+           "val_loss_se": round(val_loss_se, 5)}
+    if "watch" in data:  # analysis only: no decision reads it; per photo for paired comparisons (watch.csv)
+        _, _, acc, row["watch_correct"] = evaluate(loop, *data["watch"], per_image=True)
+        row["watch_acc"] = round(acc, 3)
+    for name, average in loop.averages.items():
+        if epoch > 0 and average.updates:
+            row.update(measure_average(loop, data, name, average.model))
     return row
 
 
-def fit(loop, data, first_epoch, last_epoch, on_epoch, eval_first=False):
-    """Train epochs first_epoch..last_epoch; on_epoch(row) runs after each and returns True to stop.
-    With eval_first, the starting weights are measured first, as epoch 0."""
-    if eval_first and first_epoch == 1:
-        on_epoch(measure(loop, data, 0, 0.0, (math.nan, math.nan, 0.0)))
-    for epoch in range(first_epoch, last_epoch + 1):
-        t0 = time.perf_counter()
-        aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{last_epoch}")
-        row = measure(loop, data, epoch, time.perf_counter() - t0, aug)
-        say(f"epoch {epoch:3d}  train {row['train_acc']:6.2f}%  val {row['val_acc']:6.2f}%  gap {row['gap']:6.2f}  "
-            f"val_loss {row['val_loss']:.4f}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
-        if on_epoch(row):
-            break
+def measure_average(loop, data, name, model):
+    """The columns of one weight average: its val (and watch) numbers, after its own exact BatchNorm statistics."""
+    if loop.precise_bn:
+        precise_bn(loop, data["orig"][0], model)
+    loss, se, acc = evaluate(loop, *data["val"], model=model)
+    out = {f"{name}_val_acc": round(acc, 3), f"{name}_val_loss": round(loss, 5), f"{name}_val_loss_se": round(se, 5)}
+    if "watch" in data:
+        _, _, acc, out[f"{name}_watch_correct"] = evaluate(loop, *data["watch"], model=model, per_image=True)
+        out[f"{name}_watch_acc"] = round(acc, 3)
+    return out
+
+
+class WeightAverage:
+    """An average of the trained weights, kept beside them: `emaT` an exponential moving average updated
+    after every step with a time constant of T epochs (decay 1 - 1/(T x steps per epoch), warmed up as
+    timm's ModelEmaV3 does: decay min(decay, (1 + n) / (10 + n)) at update n); `swa` the plain mean of
+    the epoch-end weights over the last quarter of the epochs (SWA). BatchNorm buffers are copied from
+    the trained model and then recomputed by precise BN before the average is measured."""
+
+    def __init__(self, model, spec):
+        self.spec, self.updates = spec, 0
+        self.kind, self.epochs = ("swa", 0.0) if spec == "swa" else ("ema", float(spec[3:]))
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def blend(self, model, weight):
+        mine = list(self.model.parameters()) + list(self.model.buffers())
+        theirs = [t.detach() for t in list(model.parameters()) + list(model.buffers())]
+        floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
+        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], weight)
+        for a, b in zip(mine, theirs):
+            if not a.is_floating_point():
+                a.copy_(b)
+        self.updates += 1
+
+    def after_step(self, model, steps_per_epoch):
+        if self.kind == "ema":
+            decay = min(1 - 1 / (self.epochs * steps_per_epoch), (1 + self.updates) / (10 + self.updates))
+            self.blend(model, 1 - decay)
+
+    def after_epoch(self, model, epoch, last_epoch):
+        if self.kind == "swa" and epoch > math.floor(0.75 * last_epoch):
+            self.blend(model, 1 / (self.updates + 1))
+
+    def state_dict(self):
+        return {"model": checkpoint.to_host(self.model.state_dict()), "updates": self.updates}
+
+    def load_state_dict(self, state):
+        self.model.load_state_dict(state["model"])
+        self.updates = state["updates"]
+
+
+def average_spec(text):
+    """An argparse type for --measure-averages: emaT (T epochs, a number) or swa."""
+    import argparse
+
+    try:
+        ok = text == "swa" or (text.startswith("ema") and float(text[3:]) > 0)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{text!r}: give emaT (T = time constant in epochs, e.g. ema4) or swa")
+    return text
 
 
 # ---------------------------------------------------------------- what --resume needs
@@ -189,7 +366,8 @@ def training_state(loop, history, stage, optimizer=True):
             "scaler": loop.scaler.state_dict() if optimizer and loop.scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-            "history": list(history), "stage": dict(stage)}
+            "history": list(history), "stage": dict(stage),
+            "averages": {name: a.state_dict() for name, a in loop.averages.items()}}
 
 
 def restore_training_state(loop, ckpt):
@@ -204,6 +382,9 @@ def restore_training_state(loop, ckpt):
                     loop.optimizer.state[p][key] = torch.empty_like(p).copy_(value)
     if ckpt.get("scaler") and loop.scaler.is_enabled():
         loop.scaler.load_state_dict(ckpt["scaler"])
+    for name, state in ckpt.get("averages", {}).items():
+        if name in loop.averages:
+            loop.averages[name].load_state_dict(state)
     torch.set_rng_state(ckpt["rng"]["torch"])
     loop.generator.set_state(ckpt["rng"]["generator"])
     if ckpt["rng"]["cuda"] and torch.cuda.is_available():

@@ -11,7 +11,23 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
-from smalldata.train import evaluate, make_loop, train_epoch  # noqa: E402
+from smalldata.train import evaluate, make_loop, precise_bn, train_epoch  # noqa: E402
+
+
+def batchnorm_statistics():
+    """Exact precise-BN statistics of a small BatchNorm model on fixed images (argv[2]: mode "bn")."""
+    device, amp = runtime.setup("cpu", seed=0, deterministic=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3),
+                          nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+    loop = make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
+                     std=IMAGENET_STD, batch_size=8, seed=0)
+    x = torch.randint(0, 256, (45, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    precise_bn(loop, x, chunk=int(sys.argv[3]))
+    if runtime.is_main():
+        stats = {k: v.tolist() for k, v in model.state_dict().items() if "running" in k}
+        Path(sys.argv[1]).write_text(json.dumps(stats))
+    runtime.teardown()
 
 
 def main():
@@ -26,7 +42,7 @@ def main():
     rows = []
     for _ in range(2):
         loss, acc, _ = train_epoch(loop, x, y)
-        rows.append({"train": [loss, acc], "eval": list(evaluate(loop, x[:45], y[:45]))})  # 45: uneven shares
+        rows.append({"train": [loss, acc], "eval": list(evaluate(loop, x[:45], y[:45]))})  # loss, its SE, acc  # 45: uneven shares
     if runtime.is_main():
         weights = {k: v.flatten().tolist() for k, v in loop.model.state_dict().items()}
         Path(sys.argv[1]).write_text(json.dumps({"rows": rows, "weights": weights, "world": runtime.world()[1]}))
@@ -34,4 +50,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    batchnorm_statistics() if sys.argv[2:3] == ["bn"] else main()

@@ -117,8 +117,11 @@ def test_known_predictions_give_exact_scores(plain_run):
     assert sum(r["true"] == r["predicted"] for r in rows) == s["correct"]
     assert sum(r["true"] in r["top5"].split("|") for r in rows) == s["top5_correct"]
     assert sum(v[1] for v in per_class.values()) == s["correct"]
-    assert "Top-1 accuracy: 68.75% (11/16)" in proc.stdout
-    assert "Top-5 accuracy: 81.25% (13/16)" in proc.stdout
+    assert "Top-1 accuracy: 68.75% (11/16), 95% CI 44.4-85.8%" in proc.stdout  # Wilson, worked out by hand
+    assert "Top-5 accuracy: 81.25% (13/16), 95% CI" in proc.stdout
+    assert s["top1_ci95"] == pytest.approx([0.4440, 0.8583], abs=5e-4)
+    lo, hi = s["macro_recall_ci95"]
+    assert lo < s["macro_recall"] < hi and 0 <= lo and hi <= 1
     assert f"Validation Top1 Accuracy : {100 * s['top1']:.2f}%" in proc.stdout
     assert "k2 -> k7: 2" in proc.stdout and "k7" in proc.stdout.split("not in")[1]
     assert re.search(r"\d+ images/s", proc.stdout)

@@ -1,0 +1,108 @@
+"""What each epoch measures: exact BatchNorm statistics (any batch size, any number of workers), the
+standard error of a mean loss, the augmentation presets and the weight averages."""
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import REPO
+from test_ddp import torchrun
+from test_runtime import tiny_data, tiny_loop
+from smalldata.data import AUGMENTATIONS, Augment
+from smalldata.train import WeightAverage, evaluate, precise_bn, train_epoch
+
+
+def two_bn_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3),
+                         nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
+
+
+def direct_statistics(model, x):
+    """Layer by layer, over all images at once: each BatchNorm's input mean and (unbiased) variance, that
+    input computed with the layers before it normalised by their own statistics so found."""
+    stats, h = [], x
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.BatchNorm2d):
+                mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)
+                stats.append((mean, var))
+                h = (h - mean[None, :, None, None]) / torch.sqrt(var[None, :, None, None] + layer.eps)
+                h = h * layer.weight[None, :, None, None] + layer.bias[None, :, None, None]
+            else:
+                h = layer(h)
+    return stats
+
+
+def test_precise_bn_statistics_are_exact_whatever_the_batch_size():
+    x, y = tiny_data(n=45, size=12)
+    results = []
+    for chunk in (7, 64):  # seven passes cut short, or one pass over the whole set
+        loop = tiny_loop(two_bn_model(), batch_size=8)
+        with torch.no_grad():
+            for bn in (loop.model[1], loop.model[4]):  # statistics far from the truth
+                bn.running_mean.fill_(3.0)
+                bn.running_var.fill_(0.01)
+        precise_bn(loop, x, chunk=chunk)
+        results.append([(bn.running_mean.clone(), bn.running_var.clone()) for bn in (loop.model[1], loop.model[4])])
+    truth = direct_statistics(loop.model, loop.norm(x))
+    for got in results:
+        for (mean, var), (true_mean, true_var) in zip(got, truth):
+            torch.testing.assert_close(mean, true_mean, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(var, true_var, rtol=1e-5, atol=1e-5)
+
+
+def test_precise_bn_statistics_of_two_gloo_workers_equal_one_process(tmp_path):
+    worker = REPO / "tests" / "ddp_worker.py"
+    one = subprocess.run([sys.executable, worker, tmp_path / "one.json", "bn", "64"], capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for chunk in ("64", "7"):  # each worker's share in one pass, or in passes of 7 images
+        two = torchrun(worker, tmp_path / f"two{chunk}.json", "bn", chunk)
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = (json.loads((tmp_path / n).read_text()) for n in ("one.json", f"two{chunk}.json"))
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_comes_with_the_standard_error_of_a_mean():
+    loop = tiny_loop()
+    x, y = tiny_data(n=30)
+    train_epoch(loop, x, y)
+    loss, se, acc = evaluate(loop, x, y)
+    loop.model.eval()
+    with torch.no_grad():
+        per_image = F.cross_entropy(loop.model(loop.norm(x)), y, reduction="none").double().numpy()
+    assert math.isclose(loss, per_image.mean(), rel_tol=1e-5)
+    assert math.isclose(se, per_image.std(ddof=1) / math.sqrt(len(per_image)), rel_tol=1e-4)
+    _, _, _, right = evaluate(loop, x, y, per_image=True)
+    assert len(right) == 30 and 100 * right.count("1") / 30 == acc
+
+
+def test_augment_none_trains_on_the_photos_as_they_are_and_the_others_change_them():
+    x, _ = tiny_data(n=4, size=16)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(Augment(**AUGMENTATIONS["none"])(x, g), x.float())
+    for name in ("light", "full"):
+        assert not torch.equal(Augment(**AUGMENTATIONS[name])(x, g), x.float())
+
+
+def test_swa_is_the_mean_of_the_last_quarters_epoch_weights_and_ema_follows_each_step():
+    loop = tiny_loop()
+    x, y = tiny_data(n=12)
+    swa, ema = WeightAverage(loop.model, "swa"), WeightAverage(loop.model, "ema1")
+    snapshots = []
+    for epoch in range(1, 9):
+        train_epoch(loop, x, y)
+        ema.after_step(loop.model, steps_per_epoch=3)
+        swa.after_epoch(loop.model, epoch, last_epoch=8)
+        snapshots.append([p.detach().clone() for p in loop.model.parameters()])
+    assert swa.updates == 2  # epochs 7 and 8: the last quarter of 8
+    for avg, a, b in zip(swa.model.parameters(), snapshots[-2], snapshots[-1]):
+        torch.testing.assert_close(avg, (a + b) / 2)
+    assert ema.updates == 8 and not all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), snapshots[-1]))
