@@ -31,8 +31,10 @@ def build_parser():
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the softmax of each image and its mirror image")
     p.add_argument("--mistakes", type=cli.positive_int, default=48, help="at most this many wrong images in mistakes.png")
-    p.add_argument("--no-cache", action="store_true",
-                   help="decode every photo even when training left a decode cache of them in <data>/.cache/")
+    p.add_argument("--cache-dir", type=cli.output_dir,
+                   help="decode cache to read or write (default: cache/ beside the checkpoint, where its training "
+                        "stages keep theirs)")
+    p.add_argument("--no-cache", action="store_true", help="decode every photo; read and write no decode cache")
     cli.add_device_arg(p)
     return p
 

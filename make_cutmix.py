@@ -9,6 +9,8 @@ each image) and <dst>/ocm_args.json (arguments + source fingerprint). The same c
 what exists; different arguments into a non-empty --dst are refused unless --overwrite is given.
 Exit codes: 0 done, 1 some inputs skipped (named on stderr), 2 nothing done.
 """
+from pathlib import Path
+
 from smalldata import cli, cutmix
 
 DEFAULT_SRC = "data/train"
@@ -16,7 +18,11 @@ DEFAULT_SRC = "data/train"
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    args.src = args.src or [cli.existing_dir(DEFAULT_SRC)]
+    if not args.src:  # (a repeatable flag has no default for argparse to check)
+        if not Path(DEFAULT_SRC).is_dir():
+            raise cli.UsageError(f"{DEFAULT_SRC} not found: put your photos in {DEFAULT_SRC}/<class>/<image>, "
+                                 "or give --src DIR")
+        args.src = [Path(DEFAULT_SRC)]
     return cutmix.run(args)
 
 

@@ -11,7 +11,9 @@ Many GPUs or machines: `torchrun --standalone --nproc_per_node=N make_remove_bac
 
 Exit codes: 0 all done; 1 finished, but some inputs were skipped (not images, corrupt, outside a
 class folder, or no object found: each named on stderr, then a summary line); 2 nothing done
-(bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes).
+(bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes);
+<dst>/args.json records the arguments, and a rerun with others is refused unless --fresh. Refused
+and failed photos are listed in <dst>/skipped.csv, what was said in <dst>/log.txt.
 
 No object found, or found unsure: when the share of pixels the mask calls object (mask > 127) is
 below --min-fg or above --max-fg, or when the mask is unsure of the object (of the pixels it touches,
@@ -62,6 +64,11 @@ def build_parser():
     p.add_argument("--fallback", choices=["skip", "copy"], default="skip",
                    help="when no object is found, or it is found unsure: skip the file, or write the original photo")
     p.add_argument("--overwrite", action="store_true", help="redo outputs that already exist")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the BR images of an earlier run in --dst (needed when the arguments changed), "
+                        "then start over")
+    p.add_argument("--masks", type=cli.output_dir, metavar="DIR",
+                   help="also write each photo's mask (8-bit grey PNG, 255 = object) to DIR/<class>/<stem>.png")
     p.add_argument("--preview", type=Path, help="write a contact sheet PNG here: originals beside their BR images")
     p.add_argument("--preview-count", type=cli.positive_int, default=12, help="how many images the preview shows")
     cli.add_device_arg(p)

@@ -91,7 +91,7 @@ def child(root, mode, args):
     cpu = torch.device("cpu")
     t0 = time.perf_counter()
     data = load_training_data(root, args.img_size, Problems(), use_br=False, use_ocm=False, device=cpu,
-                              data_on=mode)
+                              data_on=mode, cache_dir=root / "cache")
     start = time.perf_counter() - t0
     model = torchvision.models.get_model(args.arch, num_classes=len(data["classes"]))
     loop = make_loop(model, lr=1e-4, weight_decay=0.0, device=cpu, amp=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -128,8 +128,7 @@ def main():
                 write_tree(root / "train", n)
                 write_tree(root / "val", args.val, seed=1)
                 print(f"  (wrote {n} + {args.val} JPEGs in {time.perf_counter() - t0:.0f} s)", flush=True)
-            for folder in ("train", "val"):
-                shutil.rmtree(root / folder / ".cache", ignore_errors=True)
+            shutil.rmtree(root / "cache", ignore_errors=True)
             for label, mode in (("first run", "device"), ("in memory", "device"), ("streaming", "stream")):
                 r = run_child(root, mode, args)
                 rows.append({"photos": n, "run": label, **r})

@@ -7,6 +7,7 @@ disk or for PIL. Only as many inferences run at once as the cores can take (see 
 import argparse
 import csv
 import errno
+import json
 import sys
 import time
 import zlib
@@ -29,6 +30,10 @@ AUTO_COLORS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 
 AUTO_CLOSE = 80  # RGB distance under which a pixel "looks like" the background
 AUTO_GOOD = 0.02  # a colour that at most this share of the object looks like is good enough: the plainest wins
 COLORS_CSV = "bg_colors.csv"  # with --bg-color auto: the colour each output got
+ARGS_FILE = "args.json"  # the arguments that made the outputs: a rerun with others is refused without --fresh
+# The arguments that decide what an output looks like (not speed, sharding or the preview).
+RECORDED = ("src", "model", "bg_color", "keep_alpha", "alpha_matting", "post_process_mask", "min_fg", "max_fg",
+            "min_confidence", "fallback", "masks")
 MIN_FG, MAX_FG = 0.02, 0.98  # the area guard's defaults: below or above, no object was found
 # Mask confidence (see mask_confidence): the pixels a mask touches, those it is sure of, and the share
 # of sure pixels below which the BR image would be a half-transparent ghost (bench/mask_confidence.py).
@@ -90,6 +95,30 @@ def plan(src, dst):
     return jobs, stray, classes
 
 
+def remember_arguments(opt, jobs, shard=None):
+    """<dst>/args.json records the arguments the outputs were made with. A rerun with other ones would
+    silently keep the old images (existing outputs are skipped): refuse it, unless --fresh, which deletes
+    this step's earlier outputs (of this shard's photos) first."""
+    record = {k: _plain(getattr(opt, k, None)) for k in RECORDED}
+    path = Path(opt.dst) / ARGS_FILE
+    old = json.loads(path.read_text()) if path.is_file() else None
+    if opt.fresh:
+        removed = sum(out.unlink() is None for _, out, _ in jobs if out.exists())
+        (Path(opt.dst) / colors_csv(shard)).unlink(missing_ok=True)
+        say(f"--fresh: removed {removed} earlier output(s) from {opt.dst}")
+    elif old is not None and old != record:
+        differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
+        raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
+                         "would keep them. Pass --fresh to delete them and start over, or use another --dst")
+    files.write_json(path, record)
+
+
+def _plain(value):
+    if isinstance(value, Path):
+        return str(value.resolve())
+    return list(value) if isinstance(value, tuple) else value
+
+
 def check_folders(src, dst):
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
@@ -104,9 +133,11 @@ def leftovers(dst, jobs, classes):
     dst = Path(dst)
     if not dst.is_dir():
         return []
-    wanted = {out for _, out, _ in jobs} | set(dst.glob("bg_colors*.csv"))
+    wanted = {out for _, out, _ in jobs}
     extra_classes = set(find_classes(dst)) - set(classes)
-    return sorted(p for p in list_files(dst) if p not in wanted) + [dst / c for c in sorted(extra_classes)]
+    # (the step's own files at the top: args.json, bg_colors*.csv, skipped*.csv, log.txt)
+    return sorted(p for p in list_files(dst) if p not in wanted and p.parent != dst) + \
+        [dst / c for c in sorted(extra_classes)]
 
 
 # ---------------------------------------------------------------------------------- the model
@@ -223,6 +254,8 @@ def remove_background(job, session, opt):
     auto = opt.bg_color == "auto"
     img = open_rgb(src, background=COLORS["white"] if auto else opt.bg_color)  # upright 8-bit RGB, any format
     mask = rembg_api.predict_mask(session, img, opt.post_process_mask)
+    if opt.masks:  # the mask itself, for a look or a comparison with a true mask (tools/demo_truth.py)
+        files.save_image(mask, Path(opt.masks) / out.relative_to(opt.dst), compress_level=opt.png_level)
     why = unusable_mask(mask, opt)
     if why:
         if opt.fallback == "copy":
@@ -309,8 +342,13 @@ def prepare(opt, problems, shard=None):
     """Check and plan: returns (all jobs, this shard's jobs, its jobs still to do, classes, files outside
     a class folder)."""
     check_folders(opt.src, opt.dst)
+    if opt.masks:
+        for folder, flag in ((opt.src, "--src"), (opt.dst, "--dst")):
+            refuse_overlap(opt.masks, folder, "--masks", flag, "masks would be read as photos; give a folder "
+                           "outside the data folders", both_ways=False)
     all_jobs, stray, classes = plan(opt.src, opt.dst)
     jobs = [j for j in all_jobs if in_shard(j[0], opt.src, shard)] if shard else all_jobs
+    remember_arguments(opt, jobs, shard)
     for p in stray:
         problems.skip(p, "not inside a class folder; a BR image must keep its class")
     stale = files.remove_stale_temps(opt.dst)
@@ -322,7 +360,7 @@ def prepare(opt, problems, shard=None):
         if cls not in used:
             say(f"warning: class folder {Path(opt.src) / cls} holds no files; {Path(opt.dst) / cls} stays "
                 "empty (training refuses an empty class)", file=sys.stderr)
-    todo = jobs if opt.overwrite else [j for j in jobs if not j[1].exists()]
+    todo = jobs if opt.overwrite or opt.fresh else [j for j in jobs if not j[1].exists()]
     existing = len(jobs) - len(todo)
     say(f"{len(all_jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
         + (f"shard {shard[0]}/{shard[1]}: {len(jobs)} of them; " if shard else "")
@@ -364,7 +402,7 @@ def remove_all(todo, opt, problems, gpu=0):
                     status, note = "failed", f"{type(e).__name__}: {e}"
                 counts[status] += 1
                 if status == "copied":
-                    say(f"note: {src}: {note}")
+                    problems.note(src, note, outcome="copied")
                 elif status != "done":
                     problems.skip(src, note)
                 bar.update()
@@ -391,6 +429,7 @@ def run(opt):
     rank, workers, local_rank = runtime.world()
     shard = opt.shard or ((rank, workers) if workers > 1 else None)
     cli.WORKERS_SPEAK = workers > 1
+    cli.log_to(opt.dst)
     problems = Problems()
     all_jobs, jobs, todo, classes, stray = prepare(opt, problems, shard)
     counts, colors, seconds = remove_all(todo, opt, problems, local_rank) if todo else ({}, {}, 0.0)
@@ -404,7 +443,7 @@ def run(opt):
         + (f" ({counts['copied']} written as the original, --fallback copy)" if counts["copied"] else "")
         + f", failed {counts['failed']}, not in a class folder {len(stray)}; "
         f"{seconds:.1f} s, {rate:.2f} images/s (model load not counted) -> {opt.dst}")
-    problems.summary()
+    problems.summary(opt.dst, "skipped.csv" if shard is None else f"skipped.shard-{shard[0]}-of-{shard[1]}.csv")
     if workers > 1:  # torchrun stops every worker when one exits non-zero: wait until all are done
         runtime.barrier_cpu()
     if opt.preview and (shard is None or shard[0] == 0):

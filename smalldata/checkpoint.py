@@ -1,6 +1,7 @@
 """The checkpoint format: a plain dict that torch.load(..., weights_only=True) opens, and
 whose weights load into a plain torchvision model (docs/contract.md lists its keys)."""
 import pickle
+import sys
 import zipfile
 from pathlib import Path
 
@@ -41,9 +42,19 @@ def to_host(obj):
 
 
 def make(state, *, arch, classes, img_size, mean, std, epoch, metrics, args, **extra):
+    """A checkpoint that explains itself: besides the weights, what it classifies, how a photo must be
+    prepared for it, which epoch and numbers it is, the arguments and the versions that made it."""
+    import torchvision
+
+    from .images import PREPROCESSING
+
     return {"model": state, "arch": arch, "classes": list(classes), "img_size": int(img_size),
             "mean": [float(x) for x in mean], "std": [float(x) for x in std], "epoch": int(epoch),
-            "metrics": dict(metrics), "args": json_args(args), **extra}
+            "metrics": {k: v for k, v in dict(metrics).items() if not k.endswith("_correct")},
+            "args": json_args(args), "preprocessing": dict(PREPROCESSING),
+            "weights": "the weights trained up to this epoch (no averaging)",
+            "versions": {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+                         "python": ".".join(map(str, sys.version_info[:3]))}, **extra}
 
 
 def json_args(args):

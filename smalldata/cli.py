@@ -1,17 +1,23 @@
-"""What every script shares at its edges: the parser, argument types, messages, exit codes.
+"""What every script shares at its edges: the parser, argument types, messages, the run log, exit codes.
 
 Each script reads the same way: a docstring whose first paragraph is the --help description,
 build_parser(), main(argv), and `cli.run(main)`. Arguments are checked by their types while
-parsing, before any work starts; a bad value is one line on stderr and exit code 2.
+parsing, before any work starts; a bad value is one line on stderr and exit code 2. What a script
+says also goes to log.txt in its output folder (log_to), with the details the console leaves out.
 """
 import argparse
+import datetime
 import errno
 import os
+import shlex
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
-EXIT_OK, EXIT_SKIPPED, EXIT_FAIL = 0, 1, 2
+# 0 done; 1 done, but some inputs were skipped; 2 nothing done (the message says what to do);
+# 70 a bug (an unexpected error: the traceback is in the log); 130 interrupted.
+EXIT_OK, EXIT_SKIPPED, EXIT_FAIL, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
 
 
 class UsageError(Exception):
@@ -32,31 +38,123 @@ def rank():
 WORKERS_SPEAK = False
 
 
+def speaks():
+    return rank() == 0 or WORKERS_SPEAK
+
+
 def say(msg, file=None):
-    """Print without breaking an active tqdm bar."""
+    """Print without breaking an active tqdm bar, and write the line to the run log."""
     from tqdm import tqdm
 
-    if rank() == 0 or WORKERS_SPEAK:
-        tqdm.write(f"[rank {rank()}] {msg}" if rank() else str(msg), file=file or sys.stdout)
+    if speaks():
+        text = f"[rank {rank()}] {msg}" if rank() else str(msg)
+        tqdm.write(text, file=file or sys.stdout)
+        log(text)
+
+
+class _Log:
+    """log.txt of the script's output folder; lines said before the folder is known wait in `pending`."""
+    path = None
+    pending = []
+
+
+def log_to(folder):
+    """From now on, and for what was said before, append the run's lines to <folder>/log.txt, under a
+    line with the time and the command. Progress bars stay on the console only."""
+    if not speaks():
+        return
+    _Log.path = Path(folder) / "log.txt"
+    stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    pending, _Log.pending = _Log.pending, []
+    _append([f"===== {stamp}  {command}" + (f"  [rank {rank()}]" if rank() else ""), *pending])
+
+
+def log(text):
+    """A line for the log only (details the console summarises)."""
+    if not speaks():
+        return
+    if _Log.path is None:
+        _Log.pending.append(str(text))
+    else:
+        _append([str(text)])
+
+
+def flush_log():
+    """Write what waits for the log's folder, now that it may exist (called at the end of a run)."""
+    if _Log.path is not None:
+        _append([])
+
+
+def _append(lines):
+    """Append to the log once its folder exists (a run refused before it made its output folder leaves
+    none behind); until then the lines wait."""
+    if not _Log.path.parent.is_dir():
+        _Log.pending.extend(lines)
+        return
+    lines, _Log.pending = _Log.pending + lines, []
+    try:
+        with open(_Log.path, "a", encoding="utf-8") as f:  # appends of whole lines: several workers may share it
+            f.write("".join(line + "\n" for line in lines))
+    except OSError:  # the log must never be the reason a run fails
+        pass
+
+
+def log_path():
+    return _Log.path
 
 
 class Problems:
-    """Collects inputs that were skipped; each one is named on stderr when it happens."""
+    """Inputs that were skipped (the exit code becomes 1) or used in another way (noted): the first few
+    are named on the console as they happen, every one in the log, and summary() counts them by reason
+    and lists them all in a CSV file in the output folder."""
+    SHOWN = 5
 
     def __init__(self):
-        self.items = []
+        self.items = []  # (file, outcome, reason, details)
 
-    def skip(self, path, reason=None):
-        text = f"{path}: {reason}" if reason else str(path)
-        self.items.append(text)
-        say(f"skipped: {text}", file=sys.stderr)
+    def skip(self, path, reason=None, details="", outcome="skipped"):
+        if reason is None:  # a BadImage, or "path: reason" text kept in a decode cache
+            path, reason = getattr(path, "path", None) or str(path).split(": ", 1)[0], \
+                getattr(path, "reason", None) or str(path).split(": ", 1)[-1]
+        self.items.append((str(path), outcome, reason, details))
+        line = f"{outcome}: {path}: {reason}" + (f" ({details})" if details else "")
+        if len(self.items) <= self.SHOWN:
+            say(line, file=sys.stderr)
+        else:
+            log(line)
 
-    def summary(self, what="input file"):
-        if self.items:
-            say(f"{len(self.items)} {what}(s) skipped (named above); exit code {EXIT_SKIPPED}", file=sys.stderr)
+    def note(self, path, reason, details="", outcome="noted"):
+        """An input used otherwise than asked (e.g. copied as it is): listed, but the run is not incomplete."""
+        self.skip(path, reason, details, outcome)
+
+    @property
+    def skipped(self):
+        return [i for i in self.items if i[1] == "skipped"]
+
+    def summary(self, folder=None, name="skipped.csv"):
+        """One line per outcome and reason with counts, and every item in <folder>/<name>."""
+        if not self.items:
+            return
+        counts = {}
+        for _, outcome, reason, _ in self.items:
+            kind = reason.split(" (")[0].split(": ")[0][:80]
+            counts[(outcome, kind)] = counts.get((outcome, kind), 0) + 1
+        where = ""
+        if folder is not None and speaks():
+            from . import files
+
+            files.write_csv(Path(folder) / name, ["file", "outcome", "reason", "details"], self.items)
+            where = f"; every one in {Path(folder) / name}"
+        shown = min(len(self.items), self.SHOWN)
+        say(f"{len(self.items)} input file(s) not used as asked ({shown} named above{where}):", file=sys.stderr)
+        for (outcome, kind), count in sorted(counts.items(), key=lambda kv: -kv[1]):
+            say(f"  {count:5d} {outcome}: {kind}", file=sys.stderr)
+        if self.skipped:
+            say(f"exit code {EXIT_SKIPPED}: {len(self.skipped)} skipped", file=sys.stderr)
 
     def exit_code(self):
-        return EXIT_SKIPPED if self.items else EXIT_OK
+        return EXIT_SKIPPED if self.skipped else EXIT_OK
 
 
 # ---------------------------------------------------------------- the parser
@@ -134,6 +232,14 @@ def output_dir(text):
     return path
 
 
+def output_file(text):
+    """A file to write: it may not exist yet, but must not be a folder."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return path
+
+
 def existing_file(text):
     path = Path(text)
     if not path.is_file():
@@ -144,24 +250,50 @@ def existing_file(text):
 # ---------------------------------------------------------------- running a script
 
 def run(main):
-    """Run `main(argv) -> exit code` and exit with it; expected failures become one line and exit 2."""
+    """Run `main(argv) -> exit code` and exit with it. Expected failures are one line and exit 2; an
+    unexpected error is a bug: one line that says so and where its traceback is, and exit 70."""
     where = f"[rank {rank()}] " if rank() else ""  # torchrun: a worker's own error names it
     try:
         code = main(sys.argv[1:])
     except (UsageError, InputError) as e:
         print(f"{where}error: {e}", file=sys.stderr)
+        log(f"error: {e}")
         code = EXIT_FAIL
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        code = 130
+        log("interrupted")
+        code = EXIT_INTERRUPTED
     except OSError as e:
+        log(traceback.format_exc())
         if e.errno in (errno.ENOSPC, errno.EDQUOT):  # disk full, or over quota
-            print(f"error: disk full while writing ({e}); files already written are intact, "
+            print(f"{where}error: disk full while writing ({e}); files already written are intact, "
                   "free some space and rerun to continue", file=sys.stderr)
-        else:
-            traceback.print_exc()
+        else:  # a file or folder the system refused (permissions, a vanished mount): not our bug
+            print(f"{where}error: {e}", file=sys.stderr)
         code = EXIT_FAIL
+    except Exception as e:  # noqa: BLE001 - everything else is a bug of ours
+        path = bug_report(traceback.format_exc())
+        print(f"{where}error: this is a bug in the pipeline, not in your data or flags ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the traceback is in {path}; please report it",
+              file=sys.stderr)
+        code = EXIT_BUG
+    flush_log()
     sys.exit(code)
+
+
+def bug_report(text):
+    """Put a traceback into the run log (or, before one is open, a file of its own); returns where."""
+    if _Log.path is not None and speaks():
+        try:
+            _Log.path.parent.mkdir(parents=True, exist_ok=True)
+            log(text)
+            return _Log.path
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix=f"smalldata-{Path(sys.argv[0]).stem}-", suffix=".log")
+    with os.fdopen(fd, "w") as f:
+        f.write("\n".join(_Log.pending + [text]))
+    return path
 
 
 def available_cpus():

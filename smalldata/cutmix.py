@@ -139,7 +139,7 @@ def load_pool(srcs, classes, img_size, problems):
         try:
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
         except OSError as e:
-            return "unreadable", BadImage(f"{path}: cannot read ({e.strerror or e})")
+            return "unreadable", BadImage(path, f"cannot read ({e.strerror or e})")
         try:
             return digest, np.asarray(resize_square(open_rgb(path), img_size))
         except BadImage as e:
@@ -210,6 +210,9 @@ def split_count(count, n):
 
 # ---------------------------------------------------------------- the output folder
 
+OWN_NOTES = ("log.txt", "skipped.csv")  # what every script writes into its output folder
+
+
 def clear_outputs(dst):
     """Delete only what this script writes: <class>/ocm_NNNNN.png, the manifest, the args file."""
     dst = Path(dst)
@@ -246,7 +249,7 @@ def prepare_dst(dst, record, overwrite):
             what = ["the source files" if k == "sources" else f"{k} {old.get(k)} -> {record[k]}" for k in changed]
             raise UsageError(f"{dst} holds OCM images of another run (changed: {'; '.join(what)}). "
                              "Rerun with --overwrite to replace them, or choose another --dst")
-    elif dst.is_dir() and list_files(dst):
+    elif dst.is_dir() and [p for p in list_files(dst) if p.parent != dst or p.name not in OWN_NOTES]:
         raise UsageError(f"{dst} is not empty and has no {ARGS_FILE}, so its files are not from this script "
                          "with these arguments; choose an empty --dst, or --overwrite to clear old OCM files")
 
@@ -279,6 +282,7 @@ def write_preview(path, items, size):
 def run(args):
     """make_cutmix.py's work; returns the exit code (UsageError means nothing was done)."""
     srcs, dst = [str(s) for s in args.src], Path(args.dst)
+    cli.log_to(dst)
     classes = check_sources(srcs)
     check_dst(dst, srcs, classes, args.preview)
 
@@ -311,5 +315,5 @@ def run(args):
 
     per_class = ", ".join(f"{c} {n}" for c, n in zip(usable, split_count(args.count, len(usable))))
     info(f"made {len(todo)} OCM image(s) in {dst} ({len(items)} in all: {per_class}); manifest {dst / MANIFEST}")
-    problems.summary()
+    problems.summary(dst)
     return problems.exit_code()

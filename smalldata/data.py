@@ -1,7 +1,7 @@
 """Image sets for training, and augmentation on the training device.
 
 Each photo is decoded once, squeezed to img_size x img_size and kept as uint8 (900 photos at
-256 px are 177 MB), in its folder's decode cache (cache.py). A set that fits (the usual small
+256 px are 177 MB), in the decode cache (cache.py). A set that fits (the usual small
 data) lives whole on the training device: batches are cut there and augmented there with one
 affine grid_sample per batch, so the GPU never waits on a DataLoader. A larger one is streamed
 from the memory-mapped cache, a few batches ahead (placement, device_batches).
@@ -27,40 +27,40 @@ def decode_one(path, img_size):
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
 
-def load_images(samples, img_size, problems, desc="decode", cache_root=None, mmap=False):
+def load_images(samples, img_size, problems, desc="decode", cache_at=None, mmap=False):
     """Decode (path, label) samples into (uint8 N,3,S,S images, int64 labels); bad files go to `problems`.
-    With `cache_root` (the labelled folder the samples come from), the decoded array is read from, or
-    written to, that folder's decode cache (cache.py); with `mmap` as well, the images are the cache's
-    memory-mapped numpy array rather than a tensor in RAM. Returns the images, the labels and how they
-    were had: "from cache", "decoded and cached" or "decoded"."""
-    hit = cache.load(cache_root, samples, img_size, mmap) if cache_root is not None else None
+    With `cache_at` (a cache.Location: the labelled folder the samples come from and the cache folder),
+    the decoded array is read from, or written to, the decode cache; with `mmap` as well, the images are
+    the cache's memory-mapped numpy array rather than a tensor in RAM. Returns the images, the labels
+    and how they were had: "from cache", "decoded and cached" or "decoded"."""
+    hit = cache.load(cache_at, samples, img_size, mmap) if cache_at is not None else None
     if hit is not None:
         array, bad = hit
         for text in bad.values():
             problems.skip(text)
-        labels = [label for path, label in samples if not bad or cache.relative(cache_root, path) not in bad]
+        labels = [label for path, label in samples if not bad or cache.relative(cache_at.folder, path) not in bad]
         return array if mmap else torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
     images, labels, bad = [], [], {}
     for (path, label), out in decode_many(samples, lambda s: decode_one(s[0], img_size), desc):
         if isinstance(out, BadImage):
             problems.skip(out)
-            if cache_root is not None:
-                bad[cache.relative(cache_root, path)] = str(out)
+            if cache_at is not None:
+                bad[cache.relative(cache_at.folder, path)] = str(out)
             continue
         images.append(out)
         labels.append(label)
     x = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
-    if cache_root is None:
+    if cache_at is None:
         return x, torch.tensor(labels, dtype=torch.long), "decoded"
-    cache.store(cache_root, samples, img_size, x.numpy(), bad)
-    stored = cache.load(cache_root, samples, img_size, mmap=True) if mmap else None
+    cache.store(cache_at, samples, img_size, x.numpy(), bad)
+    stored = cache.load(cache_at, samples, img_size, mmap=True) if mmap else None
     return x if stored is None else stored[0], torch.tensor(labels, dtype=torch.long), "decoded and cached"
 
 
 def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
-                       use_cache=True, device=torch.device("cpu"), data_on="auto"):
-    """Decode data/train (+ br, ocm), data/val and the --watch folder (through each folder's decode
-    cache unless not `use_cache`), and place them for `device` (see placement).
+                       cache_dir=None, device=torch.device("cpu"), data_on="auto"):
+    """Decode data/train (+ br, ocm), data/val and the --watch folder (through the decode cache in
+    `cache_dir`, unless None), and place them for `device` (see placement).
 
     Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
     where the images are and why, and (images, labels) for "orig" (the training originals), "train"
@@ -97,10 +97,10 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
 
     # (the originals count twice: alone for measuring, and in the training set)
     n = sum(len(s) for s in sources.values()) + len(originals) + sum(len(s) for s in held_out.values())
-    on_device, where = placement(n * 3 * img_size * img_size, device, data_on, use_cache)
+    on_device, where = placement(n * 3 * img_size * img_size, device, data_on, cache_dir is not None)
     folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}
-    decoded = {name: load_images(s, img_size, problems, f"decode {name}", Path(folders[name]) if use_cache else None,
-                                 mmap=not on_device)
+    decoded = {name: load_images(s, img_size, problems, f"decode {name}", cache.Location(cache_dir, Path(folders[name]))
+                                 if cache_dir is not None else None, mmap=not on_device)
                for name, s in {**sources, **held_out}.items()}
     if not len(decoded["val"][1]) or not len(decoded["train"][1]):
         raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")

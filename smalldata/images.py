@@ -22,6 +22,21 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 class BadImage(InputError):
     """A file that cannot be used as an image; str() names the file and the reason."""
 
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = str(path), reason
+
+
+# How every step prepares a photo (recorded in each checkpoint, and in ONNX exports): what open_rgb,
+# resize_square and data.Normalize do.
+PREPROCESSING = {
+    "decode": "Pillow; EXIF orientation applied; grey, palette, CMYK, 16-bit and float images converted to "
+              "8-bit RGB; transparency composited onto white",
+    "resize": "the whole photo squeezed to img_size x img_size (aspect ratio not kept, nothing cropped)",
+    "interpolation": "bicubic (Pillow Image.resize, reducing_gap=3.0)",
+    "normalise": "pixel / 255, then (x - mean) / std per RGB channel; N x 3 x H x W",
+}
+
 
 def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
     """Decode `path` fully into an 8-bit RGB image, upright (EXIF orientation applied).
@@ -34,23 +49,23 @@ def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
-                    raise BadImage(f"{path}: {img.width}x{img.height} pixels is over the "
-                                   f"{MAX_PIXELS:,}-pixel safety limit (decompression bomb?)")
+                    raise BadImage(path, f"{img.width}x{img.height} pixels is over the "
+                                         f"{MAX_PIXELS:,}-pixel safety limit (decompression bomb?)")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img, background)
     except BadImage:
         raise
     except Image.DecompressionBombError as e:
-        raise BadImage(f"{path}: refused, too many pixels ({e})") from None
+        raise BadImage(path, f"refused, too many pixels ({e})") from None
     except Image.UnidentifiedImageError:  # (Pillow says this of a zero-byte file too)
-        raise BadImage(f"{path}: {'empty file' if _is_empty(path) else 'not an image file (unknown format)'}") from None
+        raise BadImage(path, "empty file" if _is_empty(path) else "not an image file (unknown format)") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
         if os.path.islink(path) and not os.path.exists(path):
             reason = f"a symbolic link that leads nowhere (broken, or a loop) ({e})"
         else:
             reason = "empty file" if _is_empty(path) else f"corrupt or unreadable image ({e})"
-        raise BadImage(f"{path}: {reason}") from None
+        raise BadImage(path, reason) from None
 
 
 def _is_empty(path):

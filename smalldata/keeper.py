@@ -79,14 +79,15 @@ class Keeper:
         if self.keep_all and self.writes:
             self.writer.submit(f"epoch {row['epoch']}", self._write_epoch, row["epoch"])
 
-    def name(self, path, epoch):
-        """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth)."""
+    def name(self, path, epoch, decision):
+        """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth), with the
+        decision that named it, so that the file explains why it holds that epoch."""
         if not self.writes:
             return
         if epoch not in self.kept:
             raise checkpoint.CheckpointError(
                 f"the weights of epoch {epoch} are no longer kept (an interrupted run lost them); rerun with --fresh")
-        self.writer.submit(str(path), self._write_named, Path(path), epoch, self.make(epoch))
+        self.writer.submit(str(path), self._write_named, Path(path), epoch, self.make(epoch, decision=decision))
 
     def save_last(self, epoch, state_of, finished=False):
         """last.pth (weights, optimizer, RNG, history) and the epoch files it needs, at most every
@@ -132,11 +133,11 @@ class Keeper:
         checkpoint.save(self.make(epoch), self.epoch_path(epoch))
 
     def _write_named(self, path, epoch, ckpt):
-        source = self.epoch_path(epoch)
-        if source.exists():
-            files.link_or_copy(source, path)  # one file on disk for both names
-        else:
-            checkpoint.save(ckpt, path)
+        # The epoch file is written again with the decision, then linked: one file on disk for both names
+        # (the epoch file is what restores a deleted name). A second name for the same epoch replaces the
+        # epoch file, not the first name's file, which keeps its own decision.
+        checkpoint.save(ckpt, self.epoch_path(epoch))
+        files.link_or_copy(self.epoch_path(epoch), path)
 
     def _write_last(self, ckpt, epochs):
         for epoch, epoch_ckpt in epochs.items():

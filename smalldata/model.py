@@ -23,6 +23,36 @@ def arch_name(text):
     return text
 
 
+def check_input(arch, img_size):
+    """None when `arch` trains on img_size x img_size photos and returns one tensor of logits; else one
+    line saying why not and what would work. Checked on PyTorch's meta device (shapes only, no memory,
+    no compute), before any photo is decoded."""
+    def logits(size):
+        with torch.device("meta"):
+            model = torchvision.models.get_model(arch, weights=None, num_classes=2)
+        return model.train()(torch.empty(2, 3, size, size, device="meta"))
+
+    anywhere = "vgg13_bn, resnet50, efficientnet_b0 and convnext_tiny take any size from 32 px"
+    try:
+        out = logits(img_size)
+    except NotImplementedError:  # a model that cannot be built on the meta device: training will tell
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure of the forward pass means: not at this size
+        works = []
+        for size in (224, 299, 256, 384):
+            try:
+                logits(size)
+                works.append(size)
+            except Exception:  # noqa: BLE001
+                pass
+        return (f"--arch {arch} does not run at --img-size {img_size} ({str(e).splitlines()[0][:120]}); "
+                + (f"it does at --img-size {works[0]}" if works else f"choose another model ({anywhere})"))
+    if not torch.is_tensor(out) or tuple(out.shape) != (2, 2):
+        return (f"--arch {arch} returns {type(out).__name__} in training (auxiliary outputs), not one tensor of "
+                f"logits, so it cannot be trained here; choose another model ({anywhere})")
+    return None
+
+
 def imagenet_weights(arch):
     """torchvision's default ImageNet weights enum entry for `arch`."""
     return torchvision.models.get_model_weights(arch).DEFAULT

@@ -24,6 +24,22 @@ def cjk_font_path():
     return str(FONT_PATH) if FONT_PATH.is_file() else None
 
 
+def warn_if_boxes(texts):
+    """Say once, when a text has letters beyond Latin and the CJK font is missing, that they will draw as
+    boxes and how to fix it."""
+    if cjk_font_path() is None and any(ord(ch) > 0x24F for t in texts for ch in str(t)):
+        _say_font_missing()
+
+
+@functools.cache
+def _say_font_missing():
+    from .cli import say
+
+    say("warning: the Noto Sans CJK font (package noto-cjk-sans-jp-regular) is not installed, so class names "
+        "in Korean, Japanese, Chinese and other non-Latin scripts draw as boxes in the pictures; fix: "
+        ".venv/bin/python -m pip install noto-cjk-sans-jp-regular==0.0.1 (tools/setup.sh installs it)")
+
+
 @functools.cache
 def _matplotlib_fonts():
     """Latin from DejaVu Sans, everything else falls back to Noto Sans CJK (matplotlib >= 3.6 falls
@@ -90,6 +106,7 @@ def confusion(matrix, classes, path, title):
     import matplotlib
     import numpy as np
 
+    warn_if_boxes(classes)
     c = len(classes)
     cm = matrix.double().numpy()
     rows = cm.sum(1, keepdims=True)
@@ -145,6 +162,7 @@ def image_grid(rows, path, cell=160, heading=None):
     """A PNG grid of captioned images. `rows`: lists of (PIL image, caption lines) cells; a caption
     line is a text, or a (text, colour) pair. Each image is scaled (up or down) to fit its cell."""
     font, head_font, line = _font(13), _font(16), 17
+    warn_if_boxes([heading or ""] + [t if isinstance(t, str) else t[0] for row in rows for _, cap in row for t in cap])
     lines = max(len(caption) for row in rows for _, caption in row)
     height, head = cell + lines * line + 4, (34 if heading else 0)
     width = max(max(len(r) for r in rows) * cell, 720 if heading else 0)

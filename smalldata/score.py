@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cache, checkpoint, files, intervals, plots, runtime
+from . import cache, checkpoint, cli, files, intervals, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -54,18 +54,18 @@ def scan(root, classes):
 
 # ----------------------------------------------------------------------------- prediction
 
-def decoded_batches(samples, img_size, batch_size, problems, cache_root=None):
+def decoded_batches(samples, img_size, batch_size, problems, cache_at=None):
     """Yield (uint8 N,3,S,S, labels, paths) batches in file order; decoding runs ahead on a thread
     pool (images.decode_many), so it overlaps the model working on this batch. Unreadable files
-    are reported to `problems` and left out. When `cache_root` has a decode cache of exactly these
-    files at this size (training wrote it), its memory-mapped array is read instead."""
-    hit = cache.load(cache_root, samples, img_size, mmap=True) if cache_root is not None else None
+    are reported to `problems` and left out. When `cache_at` (a cache.Location) has a decode cache of
+    exactly these files at this size (training wrote it), its memory-mapped array is read instead."""
+    hit = cache.load(cache_at, samples, img_size, mmap=True) if cache_at is not None else None
     if hit is not None:
-        say(f"decoded images: from {cache_root / cache.FOLDER}")
+        say(f"decoded images: from the decode cache {cache_at.dir}")
         array, bad = hit
         for text in bad.values():
             problems.skip(text)
-        good = [(path, label) for path, label in samples if cache.relative(cache_root, path) not in bad]
+        good = [(path, label) for path, label in samples if cache.relative(cache_at.folder, path) not in bad]
         for i in range(0, len(good), batch_size):
             chunk = good[i:i + batch_size]
             yield (torch.from_numpy(np.array(array[i:i + len(chunk)])), torch.tensor([lab for _, lab in chunk]),
@@ -96,7 +96,7 @@ def class_probs(model, x, tta=False):
 
 
 def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=False, problems=None,
-            cache_root=None):
+            cache_at=None):
     """Run `model` over `samples`. Returns a dict of labels, paths, top-k class indices and
     probabilities (CPU tensors, k = min(5, classes)), and the seconds it took."""
     problems = problems if problems is not None else Problems()
@@ -107,7 +107,7 @@ def predict(model, samples, *, img_size, mean, std, device, batch_size=64, tta=F
     top_p, top_i, labels, paths = [], [], [], []
     start = time.perf_counter()
     with torch.inference_mode(), autocast:
-        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems, cache_root):
+        for batch, y, p in decoded_batches(samples, img_size, batch_size, problems, cache_at):
             if device.type == "cuda":
                 batch = batch.pin_memory()
             probs = class_probs(model, norm(batch.to(device, non_blocking=True)), tta)
@@ -252,11 +252,20 @@ def selection_note(ckpt, data):
             f"optimistic{honest}")
 
 
+def cache_dir(args):
+    """--cache-dir, by default the cache folder beside the checkpoint: the one its training stages used."""
+    return Path(args.cache_dir) if args.cache_dir else Path(args.checkpoint).resolve().parent / "cache"
+
+
 def run(args):
     """check_score.py's work; returns the exit code (0, or 1 when files were skipped)."""
     data, out = Path(args.data), Path(args.out)
+    cli.log_to(out)
     refuse_overlap(out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
                    both_ways=False)
+    if not args.no_cache:
+        refuse_overlap(cache_dir(args), data, "--cache-dir", "--data", "the decode cache would be read as photos; "
+                       "choose a folder outside it (or --no-cache)", both_ways=False)
     ckpt = checkpoint.load(args.checkpoint)
     classes, img_size = list(ckpt["classes"]), int(ckpt["img_size"])
     samples, labelled = scan(data, classes)
@@ -273,7 +282,7 @@ def run(args):
     problems = Problems()
     res = predict(model, samples, img_size=img_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
                   batch_size=args.batch_size, tta=args.tta, problems=problems,
-                  cache_root=None if args.no_cache else data)
+                  cache_at=None if args.no_cache else cache.Location(cache_dir(args), data))
     if not res["n"]:
         raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
     say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")
@@ -285,5 +294,5 @@ def run(args):
             say(note)
     else:
         report_unlabelled(res, classes, data, out)
-    problems.summary("image file")
+    problems.summary(out)
     return problems.exit_code()

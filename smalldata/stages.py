@@ -10,12 +10,12 @@ import sys
 import time
 from pathlib import Path
 
-from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, plots, rule as rules, runtime
+from . import IMAGENET_MEAN, IMAGENET_STD, cache, checkpoint, cli, files, plots, rule as rules, runtime
 from .cli import UsageError, say
 from .data import AUGMENTATIONS, DEVICE_SHARE, Augment, load_training_data
 from .folders import refuse_overlap
 from .keeper import Keeper
-from .model import build_model, count_parameters, imagenet_available
+from .model import build_model, check_input, count_parameters, imagenet_available
 from .train import (average_spec, make_loop, measure, metric_columns, restore_training_state, train_epoch,
                     training_state)
 
@@ -48,9 +48,10 @@ def add_training_args(p, lr, epochs):
     p.add_argument("--watch", type=cli.existing_dir,
                    help="labelled folder (usually data/test) scored every epoch as watch_acc in metrics.csv, "
                         "for analysis only: no decision reads it")
-    p.add_argument("--no-cache", action="store_true",
-                   help="decode every photo instead of reading, or writing, each folder's decode cache "
-                        "(<folder>/.cache/: decoded once per image size, rebuilt when a file changes)")
+    p.add_argument("--cache-dir", type=cli.output_dir,
+                   help="where the decoded photos are kept (default: <--out>/cache): each data folder's photos "
+                        "decoded once per image size, rebuilt when a file changes; outside the data folders")
+    p.add_argument("--no-cache", action="store_true", help="decode every photo; read and write no decode cache")
     p.add_argument("--data-on", choices=["auto", "device", "stream"], default="auto",
                    help="device: the whole decoded set in the training device's memory (GPU memory, or RAM on "
                         "a CPU), batches cut there; stream: batches read from the memory-mapped decode cache a "
@@ -97,6 +98,7 @@ class StageConfig:
     no_ocm: bool
     watch: Path | None
     no_cache: bool
+    cache_dir: Path | None
     data_on: str
     no_precise_bn: bool
     keep_all: bool
@@ -137,6 +139,10 @@ def resolve(args, stage, prev=None, init=None):
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StageConfig)
               if f.name not in fixed and hasattr(args, f.name)}
     values["measure_averages"] = tuple(values.get("measure_averages") or ())
+    for k in ("data", "out", "watch", "init", "resume"):  # absolute: a checkpoint says where its data were
+        if values.get(k) is not None:
+            values[k] = Path(values[k]).resolve()
+    values["cache_dir"] = Path(values.get("cache_dir") or Path(values["out"]) / "cache").resolve()
     if init is not None:  # stage 2: the model and its input come from the checkpoint
         values.update(arch=init["arch"], img_size=init["img_size"])
     if prev is not None:
@@ -168,8 +174,12 @@ def prepare_out(args, stage_name):
     out = Path(args.out)
     refuse_overlap(out, args.data, "--out", "--data", "the next run would read the checkpoints folder as a "
                    "class; choose an --out outside the data", both_ways=False)
+    if args.cache_dir:
+        refuse_overlap(args.cache_dir, args.data, "--cache-dir", "--data", "the decode cache would be read as "
+                       "photos; choose a folder outside the data", both_ways=False)
     if runtime.is_main():
         files.remove_stale_temps(out)
+    cli.log_to(out / stage_name)
     return out, out / stage_name
 
 
@@ -195,17 +205,22 @@ def previous_run(args, stage_dir):
         raise UsageError(f"{path} is not a last.pth (it has no training history): --resume takes a last.pth; "
                          "to start from a chosen epoch use --weights PATH (stage 1) or --init PATH (stage 2)")
     old = ckpt["args"]
-    differ = [k for k in RUN_DEFINING if k in old and hasattr(args, k) and str(old[k]) != str(_flat(vars(args)[k]))]
+    differ = [k for k in RUN_DEFINING if k in old and hasattr(args, k) and _flat(k, old[k]) != _flat(k, vars(args)[k])]
     if differ and not args.resume:
         raise UsageError(f"{stage_dir} holds a run made with other arguments ("
-                         + ", ".join(f"{k}: {old[k]} -> {_flat(vars(args)[k])}" for k in differ)
+                         + ", ".join(f"{k}: {old[k]} -> {_flat(k, vars(args)[k])}" for k in differ)
                          + "); pass --resume to continue it, or --fresh to start over (deletes its files)")
     return ckpt
 
 
-def _flat(value):
-    """A flag's value as args.json writes it (lists of strings), for comparing with a run's own."""
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) else str(value) if isinstance(value, Path) else value
+def _flat(key, value):
+    """A setting as args.json writes it, for comparing with a run's own: lists of strings, and paths
+    absolute (a run records them so; the same folder named relatively is the same folder)."""
+    if isinstance(value, (list, tuple)):
+        return [str(v) for v in value]
+    if key in ("data", "init", "weights") and value is not None and str(value) not in ("imagenet", "none"):
+        return str(Path(value).resolve())
+    return str(value) if value is not None else None
 
 
 def finished(ckpt, args, stage_dir):
@@ -282,8 +297,10 @@ class StageRun:
         say(f"classes ({len(classes)}): {', '.join(classes[:20])}{' ...' if len(classes) > 20 else ''}")
         say("images: " + ", ".join(f"{k} {v}" for k, v in self.data["counts"].items()) + f" at {meta['img_size']} px")
         say("decoded images: " + ", ".join(f"{k} {v}" for k, v in self.data["how"].items())
-            + ("" if c.no_cache else " (each folder's .cache/: decoded once per image size, rebuilt when a "
-                                     "file changes)"))
+            + ("" if c.no_cache else f" (decode cache {c.cache_dir}: once per image size, rebuilt when a file changes)"))
+        others = None if c.no_cache else cache.describe_others(c.cache_dir, c.img_size)
+        if others:
+            say(others)
         say(f"data: {self.data['where']}")
         say(f"model {meta['arch']} {count_parameters(self.loop.model):,} parameters; {weights_note}; Adam lr "
             f"{c.lr:g}, weight decay {c.weight_decay:g}, batch {c.batch_size}, epochs {self.first_epoch}..{c.epochs}")
@@ -314,18 +331,19 @@ class StageRun:
                       dict(self.state.get("marks", {})), getattr(self.cfg.rule, "window", 5))
 
     def finish(self, named):
-        """last.pth (finished) with the epoch files of the named checkpoints {path: epoch}, then those."""
+        """last.pth (finished), then the named checkpoints {path: (epoch, the decision that named it)}."""
         self.keeper.writer.flush()  # the last periodic last.pth lands whole before the final one replaces it
-        self.keeper.kept = {e: v for e, v in self.keeper.kept.items() if e in named.values()}
+        epochs = {epoch for epoch, _ in named.values()}
+        self.keeper.kept = {e: v for e, v in self.keeper.kept.items() if e in epochs}
         last = self.history[-1]["epoch"]
         self.keeper.save_last(last, self.training_state, finished=True)
-        for path, epoch in named.items():
-            self.keeper.name(path, epoch)
+        for path, (epoch, decision) in named.items():
+            self.keeper.name(path, epoch, {"file": Path(path).name, "stage": self.cfg.stage, **decision})
         self.write_progress()
         self.keeper.close()
         runtime.teardown()
-        say(f"metrics: {self.dir / 'metrics.csv'}   curves: {self.dir / 'curves.png'}")
-        self.problems.summary()
+        say(f"metrics: {self.dir / 'metrics.csv'}   curves: {self.dir / 'curves.png'}   log: {self.dir / 'log.txt'}")
+        self.problems.summary(self.dir if self.main else None)
         return self.problems.exit_code()
 
 
@@ -377,7 +395,8 @@ def open_stage(cfg, title, prev, init=None):
     source = prev or init
     with runtime.main_first():  # rank 0 writes the decode cache, the other workers read it
         data = load_training_data(cfg.data, cfg.img_size, problems, source and source["classes"], not cfg.no_br,
-                                  not cfg.no_ocm, cfg.watch, not cfg.no_cache, device_amp[0], cfg.data_on)
+                                  not cfg.no_ocm, cfg.watch, None if cfg.no_cache else cfg.cache_dir, device_amp[0],
+                                  cfg.data_on)
     if source:
         model = checkpoint.build_from(source, cfg.resume or cfg.dir / "last.pth" if prev else cfg.init)
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}
@@ -401,6 +420,9 @@ def stage1(args):
         restore_named(out / "divergence.pth", stage_dir, prev["stage"]["decision"]["chosen_epoch"])
         return cli.EXIT_OK
     cfg = resolve(args, "1e-4", prev)
+    problem = None if prev else check_input(cfg.arch, cfg.img_size)  # before any photo is decoded
+    if problem:
+        raise UsageError(problem)
     run = open_stage(cfg, f"stage 1: {cfg.arch} lr {cfg.lr:g}", prev)
     say(f"rule: {describe_rule(cfg.rule)} (details: divergence.json)")
     decision = train_epochs(run)
@@ -432,7 +454,9 @@ def end_stage1(run, decision, out, stage_dir):
         write_divergence_json(stage_dir / "divergence.json", history, cfg, decision, warnings, out / "divergence.pth")
     say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
-    return run.finish({out / "divergence.pth": chosen, stage_dir / "best.pth": best})
+    steady = {"rule": "steady-best", "chosen_epoch": best, "reason": rules.SteadyBest().observe(history).reason}
+    return run.finish({out / "divergence.pth": (chosen, {"rule": cfg.rule.name, **compact(decision)}),
+                       stage_dir / "best.pth": (best, steady)})
 
 
 def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_path):
@@ -480,4 +504,4 @@ def stage2(args):
     for label, epoch in (("start (ep 0)", 0), (f"last (ep {last})", last), (f"steady best (ep {best})", best)):
         say(f"{label:22}{rows[epoch]['val_acc']:9.2f}{rows[epoch]['gap']:9.2f}")
     say(f"final.pth: {out / 'final.pth'} = epoch {final} ({cfg.keep}, --keep); epoch 0 is the --init checkpoint")
-    return run.finish({out / "final.pth": final})
+    return run.finish({out / "final.pth": (final, {"rule": cfg.rule.name, **compact(decision)})})

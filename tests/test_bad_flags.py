@@ -52,3 +52,17 @@ def test_a_bad_value_is_one_line_and_exit_2(script, flags, words, places, tmp_pa
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr
     assert words in lines[0], lines[0]
     assert not (tmp_path / "ck").exists()
+
+
+@pytest.mark.parametrize("where", ["empty folder", "only data/train"])
+def test_every_script_with_no_arguments_ends_cleanly(where, tmp_path):
+    """The defaults taken, not only the flags given: in a folder with nothing, or with only data/train,
+    every script finishes or says in one line what is missing; never a traceback, never exit 70."""
+    if where == "only data/train":
+        write_photo_set(tmp_path / "data" / "train", per_class=2, size=16, classes=["chelsea", "coffee"])
+    for script in (BR, OCM, S1, S2, SCORE, "inspect_checkpoint.py"):
+        r = run_script(script, cwd=tmp_path, timeout=600)
+        assert r.returncode in (0, 1, 2), (script, r.returncode, r.stderr[-2000:])
+        assert "Traceback" not in r.stderr and "bug" not in r.stderr, (script, r.stderr[-2000:])
+        if r.returncode == 2:
+            assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, (script, r.stderr)

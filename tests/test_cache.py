@@ -9,7 +9,7 @@ from conftest import write_photo_set
 from smalldata import IMAGENET_MEAN, IMAGENET_STD, cache
 from smalldata.cli import Problems
 from smalldata.data import Stacked, device_batches, load_images, placement
-from smalldata.folders import list_files, scan_labelled
+from smalldata.folders import scan_labelled
 from smalldata.model import build_model
 from smalldata.score import predict
 
@@ -17,12 +17,16 @@ from smalldata.score import predict
 def load(folder, img_size=24):
     problems = Problems()
     samples, _ = scan_labelled(folder)
-    x, y, how = load_images(samples, img_size, problems, cache_root=folder)
+    x, y, how = load_images(samples, img_size, problems, cache_at=where(folder))
     return x, y, how, problems.items
 
 
+def where(folder):
+    return cache.Location(Path(folder).parent / "cache", folder)
+
+
 def cache_files(folder):
-    return sorted(p.name for p in (Path(folder) / cache.FOLDER).iterdir())
+    return sorted(p.name for p in where(folder).dir.iterdir())
 
 
 def test_the_cache_reads_back_what_decoding_gave_and_is_rebuilt_only_when_a_file_changes(tmp_path):
@@ -32,8 +36,8 @@ def test_the_cache_reads_back_what_decoding_gave_and_is_rebuilt_only_when_a_file
     x2, y2, how2, bad2 = load(folder)
     assert (how1, how2) == ("decoded and cached", "from cache")
     assert torch.equal(x1, x2) and torch.equal(y1, y2) and len(y1) == 8
-    assert len(bad1) == 1 and bad1 == bad2 and "broken.jpg" in bad2[0]  # a bad file is named on every run
-    assert not any(cache.FOLDER in p.parts for p in list_files(folder))  # never read as a photo
+    assert len(bad1) == 1 and bad1 == bad2 and "broken.jpg" in bad2[0][0]  # a bad file is named on every run
+    assert all(p.suffix == ".jpg" for p in folder.rglob("*") if p.is_file())  # nothing in the data folder
     first = cache_files(folder)
 
     assert load(folder, img_size=16)[2] == "decoded and cached"  # another size: its own cache
@@ -46,6 +50,7 @@ def test_the_cache_reads_back_what_decoding_gave_and_is_rebuilt_only_when_a_file
     after = cache_files(folder)
     assert not set(first) & set(after)  # the old 24 px cache was replaced...
     assert [n[:4] for n in after] == ["16px", "16px", "24px", "24px"]  # ...and the 16 px one kept
+    assert "16 px" in cache.describe_others(where(folder).root, 24) and "rm " in cache.describe_others(where(folder).root, 24)
 
     (folder / "rocket" / "rocket_000.jpg").unlink()  # a photo removed
     x4, y4, how4, _ = load(folder)
@@ -55,7 +60,7 @@ def test_the_cache_reads_back_what_decoding_gave_and_is_rebuilt_only_when_a_file
 def test_a_damaged_cache_is_decoded_again(tmp_path):
     folder = write_photo_set(tmp_path / "val", per_class=1, size=40)
     x1, _, _, _ = load(folder)
-    for npy in (folder / cache.FOLDER).glob("*.npy"):
+    for npy in where(folder).dir.glob("*.npy"):
         npy.write_bytes(b"\x93NUMPY half")
     x2, _, how, _ = load(folder)
     assert how == "decoded and cached" and torch.equal(x1, x2)
@@ -71,7 +76,7 @@ def test_scoring_reads_the_cache_that_training_wrote(tmp_path, capsys):
     plain_problems, cached_problems = Problems(), Problems()
     plain = predict(model, samples, problems=plain_problems, **kwargs)
     assert "decoded images: from" not in capsys.readouterr().out
-    cached = predict(model, samples, problems=cached_problems, cache_root=folder, **kwargs)
+    cached = predict(model, samples, problems=cached_problems, cache_at=where(folder), **kwargs)
     assert "decoded images: from" in capsys.readouterr().out
     assert plain["paths"] == cached["paths"] and len(plain["paths"]) == 8
     assert torch.equal(plain["top_i"], cached["top_i"]) and torch.equal(plain["top_p"], cached["top_p"])

@@ -14,19 +14,41 @@ def git_status():
                           capture_output=True, text=True).stdout
 
 
+CLASSES = ["astronaut", "chelsea", "coffee", "rocket"]
+
+
+def image_folders_read_as_torchvision_reads_them(data):
+    """torchvision's own ImageFolder on every labelled folder: the same classes as the data, nothing else."""
+    for split in ("train", "val", "test", "br", "ocm"):
+        if (data / split).is_dir():
+            found = torchvision.datasets.ImageFolder(data / split)
+            assert found.classes == CLASSES, (split, found.classes)
+
+
 def test_the_five_scripts_run_in_order_and_write_only_data_and_checkpoints(tmp_path):
     write_photo_set(tmp_path / "data/train", per_class=4, seed=1)
     write_photo_set(tmp_path / "data/val", per_class=2, seed=2)
+    write_photo_set(tmp_path / "data/test", per_class=1, seed=3)
+    data = tmp_path / "data"
     before = git_status()
     cpu = ["--device", "cpu"]
 
     run_script("make_remove_background.py", "--model", "u2netp", "--fallback", "copy", cwd=tmp_path, check=0)
+    image_folders_read_as_torchvision_reads_them(data)
     run_script("make_cutmix.py", "--count", "8", "--img-size", "32", cwd=tmp_path, check=0)
+    image_folders_read_as_torchvision_reads_them(data)
     r1 = run_script("model_1e-4.py", "--weights", "none", "--img-size", "32", "--epochs", "2", "--batch-size", "8",
-                    *cpu, cwd=tmp_path, check=0)
-    assert "images: train 16, br 16, ocm 8, val 8" in r1.stdout
+                    "--watch", "data/test", *cpu, cwd=tmp_path, check=0)
+    assert "images: train 16, br 16, ocm 8, val 8, watch 4" in r1.stdout
+    image_folders_read_as_torchvision_reads_them(data)
     run_script("model_1e-7_ep20.py", "--epochs", "1", "--batch-size", "8", *cpu, cwd=tmp_path, check=0)
+    image_folders_read_as_torchvision_reads_them(data)
     score = run_script("check_score.py", *cpu, cwd=tmp_path, check=0)
+    run_script("check_score.py", "--data", "data/test", "--out", "checkpoints/score-test", *cpu, cwd=tmp_path, check=0)
+    image_folders_read_as_torchvision_reads_them(data)
+    assert torch.load(tmp_path / "checkpoints/final.pth", weights_only=True)["classes"] == CLASSES
+    for folder in ("data/br", "data/ocm", "checkpoints/1e-4", "checkpoints/1e-7", "checkpoints/score"):
+        assert (tmp_path / folder / "log.txt").is_file(), folder
 
     result = json.loads((tmp_path / "checkpoints/score/score.json").read_text())
     assert result["n"] == 8 and 0.0 <= result["top1"] <= 1.0
