@@ -95,22 +95,28 @@ def plan(src, dst):
     return jobs, stray, classes
 
 
-def remember_arguments(opt, jobs, shard=None):
+def check_arguments(opt):
     """<dst>/args.json records the arguments the outputs were made with. A rerun with other ones would
-    silently keep the old images (existing outputs are skipped): refuse it, unless --fresh, which deletes
-    this step's earlier outputs (of this shard's photos) first."""
+    silently keep the old images (existing outputs are skipped): refuse it, unless --fresh."""
     record = {k: _plain(getattr(opt, k, None)) for k in RECORDED}
     path = Path(opt.dst) / ARGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and old != record and not opt.fresh:
+        differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
+        raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
+                         "would keep them. Pass --fresh to delete them and start over, or use another --dst")
+    return record
+
+
+def record_arguments(opt, jobs, shard=None):
+    """Once the model is loaded: with --fresh, delete this step's earlier outputs (of this shard's
+    photos); then write <dst>/args.json."""
+    record = check_arguments(opt)
     if opt.fresh:
         removed = sum(out.unlink() is None for _, out, _ in jobs if out.exists())
         (Path(opt.dst) / colors_csv(shard)).unlink(missing_ok=True)
         say(f"--fresh: removed {removed} earlier output(s) from {opt.dst}")
-    elif old is not None and old != record:
-        differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
-        raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
-                         "would keep them. Pass --fresh to delete them and start over, or use another --dst")
-    files.write_json(path, record)
+    files.write_json(Path(opt.dst) / ARGS_FILE, record)
 
 
 def _plain(value):
@@ -348,7 +354,7 @@ def prepare(opt, problems, shard=None):
                            "outside the data folders", both_ways=False)
     all_jobs, stray, classes = plan(opt.src, opt.dst)
     jobs = [j for j in all_jobs if in_shard(j[0], opt.src, shard)] if shard else all_jobs
-    remember_arguments(opt, jobs, shard)
+    check_arguments(opt)
     for p in stray:
         problems.skip(p, "not inside a class folder; a BR image must keep its class")
     stale = files.remove_stale_temps(opt.dst)
@@ -373,13 +379,14 @@ def prepare(opt, problems, shard=None):
     return all_jobs, jobs, todo, classes, stray
 
 
-def remove_all(todo, opt, problems, gpu=0):
+def remove_all(todo, opt, problems, gpu=0, shard=None):
     """Run every job on the worker threads; returns ({status: count}, {output: colour}, seconds)."""
     from tqdm import tqdm
 
     counts, colors = dict(done=0, degenerate=0, copied=0, failed=0), {}
     t0 = time.time()
     session, (threads, inferences, workers) = open_planned_session(opt, gpu)
+    record_arguments(opt, todo, shard)  # (only now: a model that cannot be loaded leaves nothing behind)
     say(f"model {opt.model}: onnxruntime providers {', '.join(rembg_api.providers_of(session))}; "
         f"{inferences} inference(s) at once with {threads} intra-op thread(s) each, {workers} worker "
         f"threads; loaded in {time.time() - t0:.1f} s")
@@ -432,7 +439,7 @@ def run(opt):
     cli.log_to(opt.dst)
     problems = Problems()
     all_jobs, jobs, todo, classes, stray = prepare(opt, problems, shard)
-    counts, colors, seconds = remove_all(todo, opt, problems, local_rank) if todo else ({}, {}, 0.0)
+    counts, colors, seconds = remove_all(todo, opt, problems, local_rank, shard) if todo else ({}, {}, 0.0)
     if opt.bg_color == "auto":
         write_colors(opt.dst, jobs, colors, shard)
     counts = {k: counts.get(k, 0) for k in ("done", "degenerate", "copied", "failed")}

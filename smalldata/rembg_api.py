@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from . import files
-from .cli import UsageError
+from .cli import UsageError, say
 
 OFFLINE_MODEL = "u2netp"  # the model that set-up puts in place (tools/fetch_models.py)
 U2NETP_MD5 = "8e83ca70e441ab06c318d82300c84806"
@@ -155,6 +155,16 @@ def open_session(model, providers, threads, inferences, gpu=0):
         raise UsageError(f"--model {model} is a remote service that would send the training photos "
                          f"off this machine; use a local model, e.g. --model {OFFLINE_MODEL}")
     find_model(model)
+    with no_downloads():
+        try:
+            cls.download_models()
+        except _NoDownload:  # (said here, once, instead of pooch's own lines on stderr)
+            say(f"--model {model} is not on this machine: downloading it once (needs internet)")
+        except Exception:  # noqa: BLE001 - models that need more than a name: new_session says why
+            pass
+    import pooch
+
+    pooch.get_logger().setLevel("ERROR")
     if "CUDAExecutionProvider" in providers and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # CUDA and cuDNN libraries from the installed wheels (torch's among them)
     opts = ort.SessionOptions()

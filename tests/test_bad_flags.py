@@ -2,7 +2,7 @@
 and nothing written. The values are checked while parsing, before any photo is decoded."""
 import pytest
 
-from conftest import run_here, write_photo_set
+from conftest import run_here, run_script, write_photo_set
 
 BR, OCM, S1, S2, SCORE = "make_remove_background.py", "make_cutmix.py", "model_1e-4.py", "model_1e-7_ep20.py", \
     "check_score.py"
