@@ -97,14 +97,16 @@ def plan(src, dst):
 
 def check_arguments(opt):
     """<dst>/args.json records the arguments the outputs were made with. A rerun with other ones would
-    silently keep the old images (existing outputs are skipped): refuse it, unless --fresh."""
+    silently keep the old images (existing outputs are skipped): refuse it, unless --fresh or --overwrite
+    (which redo every output)."""
     record = {k: _plain(getattr(opt, k, None)) for k in RECORDED}
     path = Path(opt.dst) / ARGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
-    if old is not None and old != record and not opt.fresh:
+    if old is not None and old != record and not (opt.fresh or opt.overwrite):
         differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
         raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
-                         "would keep them. Pass --fresh to delete them and start over, or use another --dst")
+                         "would keep them. Pass --fresh to delete them and start over (or --overwrite to redo every one), or use "
+                         "another --dst")
     return record
 
 

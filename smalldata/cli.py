@@ -132,26 +132,29 @@ class Problems:
     def skipped(self):
         return [i for i in self.items if i[1] == "skipped"]
 
-    def summary(self, folder=None, name="skipped.csv"):
-        """One line per outcome and reason with counts, and every item in <folder>/<name>."""
+    def summary(self, folder=None, name="skipped.csv", what="input file"):
+        """One line per outcome and reason with counts, every item in <folder>/<name>, and the count of
+        skipped files (the exit code's reason)."""
         if not self.items:
             return
         counts = {}
         for _, outcome, reason, _ in self.items:
             kind = reason.split(" (")[0].split(": ")[0][:80]
             counts[(outcome, kind)] = counts.get((outcome, kind), 0) + 1
-        where = ""
+        listed = "named above"
         if folder is not None and speaks():
             from . import files
 
             files.write_csv(Path(folder) / name, ["file", "outcome", "reason", "details"], self.items)
-            where = f"; every one in {Path(folder) / name}"
-        shown = min(len(self.items), self.SHOWN)
-        say(f"{len(self.items)} input file(s) not used as asked ({shown} named above{where}):", file=sys.stderr)
+            listed = (f"named above, all in {Path(folder) / name}" if len(self.items) <= self.SHOWN else
+                      f"the first {self.SHOWN} named above, all in {Path(folder) / name}")
+        say(f"{len(self.items)} {what}(s) not used as asked, by reason:", file=sys.stderr)
         for (outcome, kind), count in sorted(counts.items(), key=lambda kv: -kv[1]):
             say(f"  {count:5d} {outcome}: {kind}", file=sys.stderr)
         if self.skipped:
-            say(f"exit code {EXIT_SKIPPED}: {len(self.skipped)} skipped", file=sys.stderr)
+            say(f"{len(self.skipped)} {what}(s) skipped ({listed}); exit code {EXIT_SKIPPED}", file=sys.stderr)
+        else:
+            say(f"({listed})", file=sys.stderr)
 
     def exit_code(self):
         return EXIT_SKIPPED if self.skipped else EXIT_OK

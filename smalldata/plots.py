@@ -101,6 +101,25 @@ def training_curves(rows, path, title, marks=None, window=5):
     save_figure(fig, path)
 
 
+def bars_with_intervals(labels, values, lows, highs, path, title, note=""):
+    """Bars (percent) with their 95 % intervals as error bars, a value on each, and a note under them."""
+    fig = _figure(7, 4)
+    ax = fig.subplots()
+    xs = range(len(labels))
+    ax.bar(xs, values, color=["#8c8c8c", "#4c72b0", "#55a868", "#c44e52"][:len(labels)],
+           yerr=[[v - lo for v, lo in zip(values, lows)], [hi - v for v, hi in zip(values, highs)]], capsize=6)
+    for x, v, hi in zip(xs, values, highs):
+        ax.text(x, hi + 1.5, f"{v:.1f} %", ha="center", va="bottom", fontsize=10)
+    ax.set_xticks(list(xs), labels, fontsize=9)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("top-1 (%)")
+    ax.set_title(title, fontsize=10)
+    if note:
+        ax.set_xlabel(note, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    save_figure(fig, path)
+
+
 def confusion(matrix, classes, path, title):
     """Row-normalised confusion matrix; stays readable at 100+ classes (smaller, thinned labels)."""
     import matplotlib

@@ -294,5 +294,5 @@ def run(args):
             say(note)
     else:
         report_unlabelled(res, classes, data, out)
-    problems.summary(out)
+    problems.summary(out, what="image file")
     return problems.exit_code()

@@ -159,7 +159,7 @@ def test_unlabelled_folder_gives_predictions_only(ckpt_path, tmp_path):
     out.mkdir()
     (out / "score.json").write_text("{}")  # from an earlier labelled run: must not outlive it
     proc = score(ckpt_path, data, out)
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "predictions.csv"]
     rows = read_csv(out / "predictions.csv")
     assert list(rows[0]) == ["file", "predicted", "confidence", "top5"]
     assert [(r["file"], r["predicted"], r["top5"]) for r in rows] == [

@@ -122,6 +122,7 @@ def test_br_lists_refused_photos_in_a_csv_and_counts_them_by_reason(tmp_path):
     named = [ln for ln in r.stderr.splitlines() if ln.startswith("skipped: ")]
     assert len(named) == cli.Problems.SHOWN  # the first few; the rest are in the CSV and the log
     assert "11 input file(s) not used as asked" in r.stderr and "8 skipped: unsure mask" in r.stderr
+    assert "11 input file(s) skipped (the first 5 named above, all in" in r.stderr
     assert "3 skipped: not an image file" in r.stderr and "skipped.csv" in r.stderr
     with open(tmp_path / "br" / "skipped.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -533,7 +533,7 @@ def check_skips(proc, script, reliability, *, n_bad=len(BAD)):
         assert f"{name}:" in proc.stderr and any(w in said for w in why), (name, proc.stderr[-3000:])
         reliability("bad input", label, script, f"skipped, named: {said}")
     assert not any(h in proc.stderr + proc.stdout for h in HIDDEN)
-    assert re.search(rf"\b{n_bad} (input|image) file\(s\) skipped \(named above\)", proc.stderr)
+    assert re.search(rf"\b{n_bad} (input|image) file\(s\) skipped \((the first \d+ )?named above", proc.stderr)
     reliability("bad input", "hidden files (.DS_Store, Thumbs.db)", script, "ignored without a word")
     reliability("bad input", "folder symlink loop (again -> .)", script, "no hang, no file counted twice")
 

@@ -78,7 +78,8 @@ def test_rerun_skips_and_overwrite_redoes(first_run, tmp_path):
     dst = tmp_path / "br"
     shutil.copytree(root / "br", dst)
     rgb = {rel: np.asarray(Image.open(dst / rel)) for rel in pngs(dst)}
-    proc = run_script(SCRIPT, "--src", root / "train", "--dst", dst, *MODEL, check=0)
+    proc = run_script(SCRIPT, "--src", root / "train", "--dst", dst, *MODEL, "--bg-color", ",".join(map(str, COLOR)),
+                      check=0)  # the same arguments: nothing to do
     assert "skipped as existing 9" in proc.stdout and "done 0" in proc.stdout
     assert "model u2netp" not in proc.stdout  # nothing to do: the model is not even loaded
 
@@ -171,8 +172,10 @@ def test_blank_image_is_degenerate(tmp_path):
     assert "degenerate 1" in proc.stdout
     assert pngs(dst) == [Path("cat/cat.png")] and (dst / "blank").is_dir()  # class folder kept
 
-    proc = run_script(SCRIPT, "--src", train, "--dst", dst, *MODEL, "--fallback", "copy", check=0)
-    assert "skipped as existing 1" in proc.stdout and "original copied" in proc.stdout
+    refused = run_script(SCRIPT, "--src", train, "--dst", dst, *MODEL, "--fallback", "copy", check=2)
+    assert "fallback: skip -> copy" in refused.stderr  # the old outputs were made otherwise: not kept silently
+    proc = run_script(SCRIPT, "--src", train, "--dst", dst, *MODEL, "--fallback", "copy", "--fresh", check=0)
+    assert "removed 1 earlier output(s)" in proc.stdout and "original copied" in proc.stderr
     assert (np.asarray(Image.open(dst / "blank" / "white.png")) == 255).all()
 
 
@@ -234,6 +237,6 @@ def test_min_confidence_refuses_real_masks_by_name(tmp_path):
     # every real mask has a soft edge band, so no mask is 100 % sure
     proc = run_script(SCRIPT, "--src", train, "--dst", dst, *MODEL, "--min-confidence", "1", "--fallback", "copy",
                       check=0)
-    note = next(line for line in proc.stdout.splitlines() if "cat.jpg" in line)
-    assert "unsure mask" in note and "original copied" in note
+    note = next(line for line in proc.stderr.splitlines() if "cat.jpg" in line)
+    assert note.startswith("copied: ") and "unsure mask" in note and "original copied" in note
     assert pngs(dst) == [Path("cat/cat.png")]
