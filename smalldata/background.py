@@ -359,7 +359,10 @@ def prepare(opt, problems, shard=None):
     check_arguments(opt)
     for p in stray:
         problems.skip(p, "not inside a class folder; a BR image must keep its class")
-    stale = files.remove_stale_temps(opt.dst)
+    if runtime.world()[1] > 1:  # under torchrun one worker clears, and the others wait for it to finish
+        runtime.join_cpu_group()
+    stale = files.remove_stale_temps(opt.dst) if runtime.is_main() else 0
+    runtime.barrier()
     if stale:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     used = {cls for _, _, cls in jobs}
@@ -454,7 +457,8 @@ def run(opt):
         f"{seconds:.1f} s, {rate:.2f} images/s (model load not counted) -> {opt.dst}")
     problems.summary(opt.dst, "skipped.csv" if shard is None else f"skipped.shard-{shard[0]}-of-{shard[1]}.csv")
     if workers > 1:  # torchrun stops every worker when one exits non-zero: wait until all are done
-        runtime.barrier_cpu()
+        runtime.barrier()
+        runtime.teardown()
     if opt.preview and (shard is None or shard[0] == 0):
         write_preview(all_jobs, opt.preview, opt.preview_count)
     return problems.exit_code()

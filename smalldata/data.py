@@ -100,22 +100,39 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
     on_device, where = placement(n * 3 * img_size * img_size, device, data_on, cache_dir is not None)
     folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}
     decoded = {name: load_images(s, img_size, problems, f"decode {name}", cache.Location(cache_dir, Path(folders[name]))
-                                 if cache_dir is not None else None, mmap=not on_device)
+                                 if cache_dir is not None else None, mmap=True)  # (mapped, then copied in chunks)
                for name, s in {**sources, **held_out}.items()}
     if not len(decoded["val"][1]) or not len(decoded["train"][1]):
         raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")
 
     def place(parts):
-        images = [torch.as_tensor(np.asarray(decoded[p][0])) for p in parts] if on_device else \
-            [decoded[p][0] for p in parts]
         labels = torch.cat([decoded[p][1] for p in parts]).to(device)
-        if on_device:
-            return (images[0] if len(images) == 1 else torch.cat(images)).to(device), labels
-        return (images[0] if len(images) == 1 else Stacked(images)), labels
+        if not on_device:
+            images = [decoded[p][0] for p in parts]
+            return (images[0] if len(images) == 1 else Stacked(images)), labels
+        return to_device([decoded[p][0] for p in parts], device), labels
 
+    train = place(list(sources))  # the originals first: "orig" is a view of it, not a second copy
+    n_orig = len(decoded["train"][1])
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},
             "how": {k: v[2] for k, v in decoded.items()}, "where": where,
-            "orig": place(["train"]), **{k: place([k]) for k in held_out}, "train": place(list(sources))}
+            "orig": (train[0][:n_orig], train[1][:n_orig]), **{k: place([k]) for k in held_out}, "train": train}
+
+
+def to_device(arrays, device, chunk=256):
+    """One uint8 tensor on `device` holding the arrays one after another, filled `chunk` images at a time
+    from each (memory-mapped) array: the host never holds a second copy of the set, only a chunk."""
+    if len(arrays) == 1 and torch.is_tensor(arrays[0]) and arrays[0].device.type == torch.device(device).type:
+        return arrays[0]  # decoded without a cache, already where it goes
+    total = sum(len(a) for a in arrays)
+    out = torch.empty((total, *arrays[0].shape[1:]), dtype=torch.uint8, device=device)
+    start = 0
+    for array in arrays:
+        for i in range(0, len(array), chunk):
+            part = torch.as_tensor(np.ascontiguousarray(array[i:i + chunk]))
+            out[start + i:start + i + len(part)].copy_(part)
+        start += len(array)
+    return out
 
 
 # Share of free memory the whole data set may take on the device with --data-on auto: the rest is

@@ -2,7 +2,9 @@
 
 A writer gets a hidden temporary name in the destination folder (same file system, so
 the final os.replace is atomic); the image listers skip hidden files, so a temporary
-left by a killed run is never read as data, and `remove_stale_temps` clears them.
+left by a killed run is never read as data, and `remove_stale_temps` clears them. The name
+carries the host and the process id: on a file system shared between machines, only a
+temporary of this host whose process is gone is stale.
 """
 import contextlib
 import csv
@@ -10,10 +12,14 @@ import io
 import json
 import os
 import shutil
+import socket
+import time
 import uuid
 from pathlib import Path
 
 TEMP_MARK = ".tmp-"
+HOST = socket.gethostname().replace("-", "_").replace(".", "_")  # ("-" separates the name's fields)
+FOREIGN_STALE_S = 7 * 24 * 3600  # another host's temporary this old is surely not in flight
 
 
 @contextlib.contextmanager
@@ -21,7 +27,7 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; on success fsync and rename it into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # data must be on disk before the name points at it
@@ -89,25 +95,32 @@ def _pil_format(path):
 def remove_stale_temps(folder):
     """Delete temporaries that a killed run left under `folder`; returns how many.
 
-    A temporary of a process that is still running (its pid is in the name) is left alone: it
-    may be another script writing into a shared folder right now.
+    A temporary of a process that is still running on this host is left alone: it may be another
+    script writing into a shared folder right now. So is another host's, unless it is a week old:
+    this host cannot know whether that process still runs.
     """
     count = 0
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     for p in folder.rglob(f".*{TEMP_MARK}*"):
-        if p.is_file() and not _writer_alive(p.name):
+        if p.is_file() and not _writer_alive(p):
             p.unlink(missing_ok=True)
             count += 1
     return count
 
 
-def _writer_alive(name):
+def _writer_alive(path):
+    fields = path.name.rsplit(TEMP_MARK, 1)[-1].split("-")
+    host, pid = (fields[0], fields[1]) if len(fields) == 3 else (HOST, fields[0])  # (names before the host)
+    if host != HOST:
+        try:
+            return time.time() - path.stat().st_mtime < FOREIGN_STALE_S
+        except OSError:
+            return False
     try:
-        pid = int(name.rsplit(TEMP_MARK, 1)[1].split("-", 1)[0])
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except (ValueError, IndexError, ProcessLookupError):
+        os.kill(int(pid), 0)  # signal 0: only asks whether the process exists
+    except (ValueError, ProcessLookupError):
         return False
     except PermissionError:  # exists, owned by someone else
         return True

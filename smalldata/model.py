@@ -78,7 +78,7 @@ def build_model(arch, num_classes, weights="none"):
         raise UsageError(f"unknown --arch {arch!r}; torchvision classification models: "
                          f"{', '.join(classification_archs())}")
     if weights == "none":
-        return torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+        return fp32_head(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
     if weights != "imagenet":
         raise ValueError(weights)
     try:
@@ -89,16 +89,12 @@ def build_model(arch, num_classes, weights="none"):
             f"{os.path.basename(imagenet_weights(arch).url)} at {imagenet_cache_path(arch)} "
             "(from a machine with network access), or train from scratch with --weights none") from None
     replace_head(model, num_classes)
-    return model
+    return fp32_head(model)
 
 
 def replace_head(model, num_classes):
     """Swap the last classification layer (Linear, or a 1x1 Conv2d in SqueezeNet) for a fresh one."""
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv2d)):
-            last = (name, module)
-    name, old = last
+    name, old = last_layer(model)
     if isinstance(old, nn.Linear):
         new = nn.Linear(old.in_features, num_classes, bias=old.bias is not None)
     else:
@@ -106,6 +102,33 @@ def replace_head(model, num_classes):
     parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
     setattr(parent, name.rpartition(".")[2], new)
     return model
+
+
+def fp32_head(model):
+    """Run the last classification layer in float32 even under bf16/fp16 autocast: logits rounded to
+    bf16 flip argmaxes between close classes, and a loss change at lr 1e-7 drowns in bf16's rounding.
+    The layer's class becomes a subclass with that forward (the state_dict keys stay torchvision's;
+    a deep copy keeps it). The head is tiny, so this costs nothing measurable."""
+    name, layer = last_layer(model)
+    base = type(layer)
+    if getattr(base, "FP32_HEAD", False):
+        return model
+    layer.__class__ = type(f"Float32{base.__name__}", (base,), {"forward": _float32_forward, "FP32_HEAD": True})
+    return model
+
+
+def _float32_forward(self, x):
+    with torch.autocast(x.device.type, enabled=False):
+        return super(type(self), self).forward(x.float())
+
+
+def last_layer(model):
+    """(name, module) of the last Linear or Conv2d: the classification head in torchvision's models."""
+    last = None
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            last = (name, module)
+    return last
 
 
 def count_parameters(model):

@@ -63,6 +63,25 @@ def _figure(width=10, height=4):
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
+_POOL = []
+
+
+def elsewhere(fn, *args):
+    """Run a drawing function in a helper process (started once, with spawn) and wait for it: matplotlib
+    holds the GIL for its whole drawing, which would slow the training thread of this process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    if not _POOL:
+        _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+    return _POOL[0].submit(fn, *args).result()
+
+
+def stop_helper():
+    while _POOL:
+        _POOL.pop().shutdown()
+
+
 def save_figure(fig, path):
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -1,6 +1,8 @@
 """Where and how the model runs: device, seeds, determinism and mixed precision, chosen once; and,
 under torchrun, the process group (NCCL on GPUs, gloo on CPUs) and the few collectives training needs."""
 import contextlib
+import datetime
+import functools
 import os
 
 import torch
@@ -21,6 +23,12 @@ def is_main():
 
 def distributed():
     return dist.is_available() and dist.is_initialized()
+
+
+def launched_by_torchrun():
+    """True under torchrun, even with one worker (which then still trains through DDP: its overhead is
+    measured by bench/gpu_check.sh)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ and "RANK" in os.environ
 
 
 def all_sum(*values):
@@ -46,23 +54,35 @@ def all_min(tensor):
     return tensor
 
 
+@functools.cache
+def patient_group():
+    """A gloo group whose waits have no practical time limit: for waiting on work of unknown length, such
+    as rank 0 decoding 100k photos, which NCCL's watchdog (10 minutes by default) would kill."""
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7))
+
+
 @contextlib.contextmanager
 def main_first():
     """Rank 0 runs the block first (it writes the decode cache), the other workers after it (they read it)."""
+    group = patient_group() if distributed() else None
     if distributed() and not is_main():
-        dist.barrier()
+        dist.barrier(group=group)
     yield
     if distributed() and is_main():
+        dist.barrier(group=group)
+
+
+def join_cpu_group():
+    """Join a gloo group of every torchrun worker, without a GPU (background removal's workers), whose
+    waits have no practical time limit."""
+    if not distributed():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+
+def barrier():
+    """Wait for every torchrun worker (nothing in a plain run)."""
+    if distributed():
         dist.barrier()
-
-
-def barrier_cpu():
-    """Wait for every torchrun worker, without a GPU (background removal's workers; no time limit)."""
-    import datetime
-
-    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
-    dist.barrier()
-    dist.destroy_process_group()
 
 
 def teardown():
@@ -106,9 +126,9 @@ def setup(device_name, seed, deterministic=False):
         if size > 1:
             torch.cuda.set_device(local)
         device = torch.device("cuda", torch.cuda.current_device())
-    if size > 1 and not distributed():
+    if (size > 1 or launched_by_torchrun()) and not distributed():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # the same on every worker: the model is built alike (train.make_loop reseeds)
     if deterministic:
         # cuBLAS needs a fixed workspace to repeat itself; a few CUDA kernels (adaptive pooling's
         # backward among them) have no deterministic version and only warn.
@@ -122,10 +142,17 @@ def setup(device_name, seed, deterministic=False):
     return device, amp_dtype(device)
 
 
+def seed_worker(seed):
+    """Seed this worker's own random numbers (dropout) apart from the others: seed + rank. The shared
+    draws (batch order, augmentation) come from a generator seeded alike on every worker."""
+    torch.manual_seed(seed + world()[0])
+
+
 def describe(device, dtype):
     """One banner line: the device and the number format (and, under torchrun, the workers)."""
     size = world()[1]
-    workers = f"; {size} workers (torchrun, DistributedDataParallel over {dist.get_backend()})" if size > 1 else ""
+    workers = (f"; {size} worker{'s' if size > 1 else ''} (torchrun, DistributedDataParallel over "
+               f"{dist.get_backend()})") if distributed() else ""
     if device.type != "cuda":
         return f"device cpu, float32 (mixed precision is for GPUs){workers}"
     name = torch.cuda.get_device_name(device)

@@ -327,7 +327,7 @@ class StageRun:
             bits = ["watch_correct"] + [f"{a}_watch_correct" for a in self.loop.averages]
             writer.submit("watch", files.write_csv, self.dir / "watch.csv", ["epoch"] + bits,
                           [[r["epoch"]] + [r.get(c, "") for c in bits] for r in rows])
-        writer.submit("curves", plots.training_curves, rows, self.dir / "curves.png", self.title,
+        writer.submit("curves", plots.elsewhere, plots.training_curves, rows, self.dir / "curves.png", self.title,
                       dict(self.state.get("marks", {})), getattr(self.cfg.rule, "window", 5))
 
     def finish(self, named):
@@ -341,6 +341,7 @@ class StageRun:
             self.keeper.name(path, epoch, {"file": Path(path).name, "stage": self.cfg.stage, **decision})
         self.write_progress()
         self.keeper.close()
+        plots.stop_helper()
         runtime.teardown()
         say(f"metrics: {self.dir / 'metrics.csv'}   curves: {self.dir / 'curves.png'}   log: {self.dir / 'log.txt'}")
         self.problems.summary(self.dir if self.main else None)

@@ -12,12 +12,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from . import checkpoint, runtime
 from .cli import say
 from .data import Augment, Normalize, available_memory, batch_order, device_batches
+from .model import fp32_head
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
                   "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc", "train_loss_se", "val_loss_se"]
@@ -50,11 +52,14 @@ class Loop:
         net = self.model
         if runtime.distributed():
             net = DistributedDataParallel(net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.device.type == "cuda":  # gradients all-reduced in bf16: half the bytes between GPUs and nodes
+                net.register_comm_hook(None, default_hooks.bf16_compress_hook)
         self.step_model = torch.compile(net) if self.compile else net
 
 
 def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, seed, compile=False,
               precise_bn=True, sync_bn=False, augment=None, averages=()):
+    fp32_head(model)  # logits in float32 under autocast (model.fp32_head)
     if sync_bn:  # BatchNorm statistics over the global batch, not each worker's share (GPUs only)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)
@@ -62,9 +67,11 @@ def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, se
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel for all parameters instead of a loop over 30+ tensors
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    return Loop(model, optimizer, device, amp, Normalize(mean, std, device), batch_size,
+    loop = Loop(model, optimizer, device, amp, Normalize(mean, std, device), batch_size,
                 torch.Generator().manual_seed(seed), compile, precise_bn, augment or Augment(),
                 {spec: WeightAverage(model, spec) for spec in averages})
+    runtime.seed_worker(seed)  # (after the model is built alike everywhere) each worker its own dropout
+    return loop
 
 
 def train_epoch(loop, x_all, y_all, desc="train", steps=None):
@@ -337,7 +344,7 @@ class WeightAverage:
             self.blend(model, 1 / (self.updates + 1))
 
     def state_dict(self):
-        return {"model": checkpoint.to_host(self.model.state_dict()), "updates": self.updates}
+        return {"model": checkpoint.snapshot(self.model.state_dict()), "updates": self.updates}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
@@ -362,10 +369,12 @@ def average_spec(text):
 def training_state(loop, history, stage, optimizer=True):
     """Everything last.pth adds to the weights: optimizer and scaler (unless not `optimizer`), RNG
     states, history, the stage's own state."""
-    return {"model": loop.model, "optimizer": checkpoint.to_host(loop.optimizer.state_dict()) if optimizer else None,
+    # (device copies: checkpoint.save moves them to the host on the keeper's writer thread)
+    return {"model": loop.model, "optimizer": checkpoint.snapshot(loop.optimizer.state_dict()) if optimizer else None,
             "scaler": loop.scaler.state_dict() if optimizer and loop.scaler.is_enabled() else None,
             "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                    # this worker's GPU only: a resume may see fewer GPUs than the run had
+                    "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None},
             "history": list(history), "stage": dict(stage),
             "averages": {name: a.state_dict() for name, a in loop.averages.items()}}
 
@@ -387,5 +396,8 @@ def restore_training_state(loop, ckpt):
             loop.averages[name].load_state_dict(state)
     torch.set_rng_state(ckpt["rng"]["torch"])
     loop.generator.set_state(ckpt["rng"]["generator"])
-    if ckpt["rng"]["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    cuda = ckpt["rng"].get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written before: one state per GPU the run saw; ours is its first
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and loop.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, loop.device)
