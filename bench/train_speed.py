@@ -10,6 +10,7 @@ caching, as in torchvision's classification tutorial. Same model, image size, ba
 device, images and optimizer (Adam); warm-up steps are excluded from both timings.
 """
 import argparse
+import json
 import os
 import sys
 import time
@@ -118,6 +119,7 @@ def main():
     p.add_argument("--compile", action="store_true", help="torch.compile our model")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--pipeline", action="store_true", help="also time the five scripts on the demo data")
+    p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args()
 
     device, amp = runtime.setup(args.device, seed=0)
@@ -137,6 +139,10 @@ def main():
     peak = bf16_peak(device)
     line = f"model FLOPs per training image {flops / 1e9:.1f} GFLOP; ours achieves {ours * flops / 1e12:.1f} TFLOP/s"
     print(line + (f" = {100 * ours * flops / 1e12 / peak:.1f}% of the {peak:.0f} TFLOP/s bf16 peak" if peak else ""))
+    if args.json:
+        args.json.write_text(json.dumps({"ours images/s": round(ours, 1), "baseline images/s": round(base, 1),
+                                         "ours / baseline": round(ours / base, 2),
+                                         "TFLOP/s": round(ours * flops / 1e12, 1)}, indent=1))
 
     if args.pipeline:
         sys.path.insert(0, str(REPO / "tools"))

@@ -35,7 +35,11 @@ def add_training_args(p, lr, epochs):
     p.add_argument("--weight-decay", type=cli.nonnegative_float, default=0.0, help="Adam weight decay (our default)")
     p.add_argument("--epochs", type=cli.positive_int, default=epochs, help="most epochs to train")
     p.add_argument("--batch-size", type=cli.positive_int, default=32,
-                   help="images per step; a last, smaller batch of an epoch is left out")
+                   help="images per step (the global batch: under torchrun each of N workers takes batch / N); a "
+                        "last, smaller batch of an epoch is left out. With N GPUs raise it with N (e.g. 32 per "
+                        "GPU), or each GPU gets a few images and the gradients' all-reduce dominates the step; "
+                        "with a larger batch raise --lr too (a common rule: with the batch for SGD, with its "
+                        "square root for Adam; not measured here)")
     p.add_argument("--augment", choices=list(AUGMENTATIONS), default="full",
                    help="augmentation of the training batches: full (crop 35-100 %%, flip, rotate +-15 degrees, "
                         "colour +-20 %%), light (crop 70-100 %%, flip) or none")

@@ -24,6 +24,7 @@ from .model import fp32_head
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
                   "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc", "train_loss_se", "val_loss_se"]
 AVERAGE_COLUMNS = ["val_acc", "val_loss", "val_loss_se", "watch_acc"]  # per measured weight average, name_ first
+BAR_EVERY_S = 1.0  # the progress bar's loss and accuracy: one host sync this often (bench/gpu_readiness.py: never)
 
 
 def metric_columns(averages=()):
@@ -109,7 +110,7 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
         correct += (logits.argmax(1) == y).sum()
         if step == 0:
             timed_from = time.perf_counter()
-        if time.perf_counter() - shown > 1.0 and rank == 0:  # the bar's numbers: one host sync a second
+        if time.perf_counter() - shown > BAR_EVERY_S and rank == 0:  # the bar's numbers: one host sync a second
             shown, seen = time.perf_counter(), sum(len(b) for b in mine[:step + 1])
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%",
                             refresh=False)
@@ -175,7 +176,7 @@ def _moments(x):
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x.float(), dims, correction=0)
     count = x.numel() // x.shape[1]
-    return torch.cat([torch.tensor([count], device=x.device, dtype=torch.float64), count * mean.double(),
+    return torch.cat([torch.full((1,), count, device=x.device, dtype=torch.float64), count * mean.double(),
                       count * (var.double() + mean.double() ** 2)])
 
 
@@ -396,8 +397,13 @@ def restore_training_state(loop, ckpt):
             loop.averages[name].load_state_dict(state)
     torch.set_rng_state(ckpt["rng"]["torch"])
     loop.generator.set_state(ckpt["rng"]["generator"])
-    cuda = ckpt["rng"].get("cuda")
-    if isinstance(cuda, (list, tuple)):  # written before: one state per GPU the run saw; ours is its first
-        cuda = cuda[0] if cuda else None
-    if cuda is not None and loop.device.type == "cuda":
-        torch.cuda.set_rng_state(cuda, loop.device)
+    restore_cuda_rng(ckpt["rng"].get("cuda"), loop.device)
+
+
+def restore_cuda_rng(saved, device):
+    """This worker's GPU random state, from a last.pth made on any number of GPUs (written before this
+    version: one state per visible GPU, whose first is this worker's, as training used one GPU each)."""
+    if isinstance(saved, (list, tuple)):
+        saved = saved[0] if saved else None
+    if saved is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(saved, device)

@@ -30,6 +30,20 @@ def batchnorm_statistics():
     runtime.teardown()
 
 
+def dropout_masks():
+    """Each worker's dropout mask after make_loop, and its model's first weights (argv[2]: mode "dropout")."""
+    device, amp = runtime.setup("cpu", seed=0, deterministic=True)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.Linear(8, 3))
+    make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+              batch_size=8, seed=0)
+    mask = (model[2](torch.ones(64)) > 0).int()
+    got = [None] * runtime.world()[1]
+    torch.distributed.all_gather_object(got, {"mask": mask.tolist(), "weights": model[1].weight.flatten().tolist()})
+    if runtime.is_main():
+        Path(sys.argv[1]).write_text(json.dumps(got))
+    runtime.teardown()
+
+
 def main():
     device, amp = runtime.setup("cpu", seed=0, deterministic=True)
     g = torch.Generator().manual_seed(1)
@@ -50,4 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    batchnorm_statistics() if sys.argv[2:3] == ["bn"] else main()
+    {"bn": batchnorm_statistics, "dropout": dropout_masks}.get(sys.argv[2] if len(sys.argv) > 2 else "", main)()
