@@ -94,17 +94,26 @@ class Keeper:
         for epoch in [e for e in self.kept if e not in needed | {row["epoch"]}]:
             del self.kept[epoch]
         if self.keep_all and self.writes:
-            self.writer.submit(f"epoch {row['epoch']}", self._write_epoch, row["epoch"])
+            # (made now: by the time the writer gets to it, a rule may no longer need this epoch's weights)
+            self.writer.submit(f"epoch {row['epoch']}", checkpoint.save, self.make(row["epoch"]),
+                               self.epoch_path(row["epoch"]))
 
-    def name(self, path, epoch, decision):
+    def name(self, path, epoch, decision, averaged=None):
         """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth), with the
-        decision that named it, so that the file explains why it holds that epoch."""
+        decision that named it, so that the file explains why it holds that epoch. `averaged` (a dict of
+        state, metrics, weights and file) names averaged weights instead, kept in the stage's own file."""
         if not self.writes:
+            return
+        if averaged is not None:
+            ckpt = checkpoint.make(checkpoint.snapshot(averaged["state"]), epoch=epoch, metrics=averaged["metrics"],
+                                   **{**self.meta, "weights": averaged["weights"]}, decision=decision)
+            self.writer.submit(str(path), self._write_named, Path(path), self.dir / averaged["file"], ckpt)
             return
         if epoch not in self.kept:
             raise checkpoint.CheckpointError(
                 f"the weights of epoch {epoch} are no longer kept (an interrupted run lost them); rerun with --fresh")
-        self.writer.submit(str(path), self._write_named, Path(path), epoch, self.make(epoch, decision=decision))
+        self.writer.submit(str(path), self._write_named, Path(path), self.epoch_path(epoch),
+                           self.make(epoch, decision=decision))
 
     def save_last(self, epoch, state_of, finished=False):
         """last.pth (weights, optimizer, RNG, history) and the epoch files it needs, at most every
@@ -146,15 +155,12 @@ class Keeper:
         self.writer.close()
 
     # -- on the writer thread
-    def _write_epoch(self, epoch):
-        checkpoint.save(self.make(epoch), self.epoch_path(epoch))
-
-    def _write_named(self, path, epoch, ckpt):
-        # The epoch file is written again with the decision, then linked: one file on disk for both names
-        # (the epoch file is what restores a deleted name). A second name for the same epoch replaces the
-        # epoch file, not the first name's file, which keeps its own decision.
-        checkpoint.save(ckpt, self.epoch_path(epoch))
-        files.link_or_copy(self.epoch_path(epoch), path)
+    def _write_named(self, path, source, ckpt):
+        # The source (the epoch's file, or the averaged weights' own) is written with the decision, then
+        # linked: one file on disk for both names (the source is what restores a deleted name). A second
+        # name for the same epoch replaces the source, not the first name's file, which keeps its decision.
+        checkpoint.save(ckpt, source)
+        files.link_or_copy(source, path)
 
     def _write_last(self, ckpt, epochs):
         for epoch, epoch_ckpt in epochs.items():

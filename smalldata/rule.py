@@ -129,6 +129,19 @@ class LastEpoch(Rule):
 
 
 @dataclass(frozen=True)
+class WeightAverage(Rule):
+    """Train every epoch; keep the mean of the last quarter's epoch weights (SWA), not one epoch's."""
+    name = "swa"
+    text = ("Train every epoch; keep the plain mean of the weights at the end of each epoch of the last quarter "
+            "of the epochs (stochastic weight averaging, SWA), with BatchNorm statistics recomputed for the mean.")
+
+    def observe(self, history, available=None):
+        last = history[-1]["epoch"]
+        return Decision(False, last, frozenset({last}), "kept the mean of the weights of the last quarter's epochs "
+                        f"(SWA), as it stands at epoch {last}", {"weights": "swa"})
+
+
+@dataclass(frozen=True)
 class SteadyBest(Rule):
     """Train every epoch, keep the steady best-val epoch."""
     half: int = 2  # epochs each side in the centred mean of val_acc
@@ -249,16 +262,17 @@ def still_needed(history, rule, found):
 
 # ---------------------------------------------------------------- stage 1's flags
 
-RULES = {"divergence": Divergence, "steady-best": SteadyBest, "last": LastEpoch}
+RULES = {"divergence": Divergence, "steady-best": SteadyBest, "last": LastEpoch, "swa": WeightAverage}
 DEFAULT = "divergence"  # chosen by the evidence in docs/measurements.md (bench/stopping.py)
 
 
 def add_args(p):
     d = Divergence()
     p.add_argument("--rule", choices=list(RULES), default=DEFAULT,
-                   help="which epoch stage 1 keeps as divergence.pth: divergence (stop where the train/val gap "
-                        "widens beyond noise, keep the epoch before), steady-best (train every epoch, keep the "
-                        "steady best-val epoch) or last (train every epoch, keep the last)")
+                   help="what stage 1 keeps as divergence.pth: divergence (stop where the train/val gap widens "
+                        "beyond noise, keep the epoch before), steady-best (train every epoch, keep the steady "
+                        "best-val epoch), last (train every epoch, keep the last) or swa (train every epoch, keep "
+                        "the mean of the last quarter's epoch weights)")
     p.add_argument("--gap-window", type=positive_int, default=d.window,
                    help="divergence rule: epochs over which the trend of the gap is judged")
     p.add_argument("--patience", type=positive_int, default=d.patience,
@@ -284,7 +298,7 @@ def from_settings(name, a):
     if name == "divergence":
         return Divergence(a.get("gap_window", 5), a.get("patience", 5), a.get("min_epochs", 10),
                           a.get("noise_z", 2.0), not a.get("no_early_stop", False))
-    return SteadyBest() if name == "steady-best" else LastEpoch()
+    return {"steady-best": SteadyBest, "swa": WeightAverage}.get(name, LastEpoch)()
 
 
 def default_rule():

@@ -4,7 +4,9 @@ Stage 1 (lr 1e-4) keeps the epoch its rule chooses (smalldata/rule.py; --rule) a
 stage 2 (lr 1e-7) starts there and keeps its last epoch (or, with --keep best, its steady best) as final.pth.
 One epoch reads top to bottom in train_epochs: train, measure, observe, keep, save, report.
 """
+import argparse
 import dataclasses
+import math
 import shutil
 import sys
 import time
@@ -23,7 +25,7 @@ from .train import (average_spec, make_loop, measure, metric_columns, restore_tr
 # rule is not among them: it only reads the history, so a resumed run may be decided by other flags.
 RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
                 "no_ocm", "weight_decay", "deterministic", "no_precise_bn", "augment", "measure_averages")
-STAGE_FILES = ("last.pth", "best.pth", "metrics.csv", "watch.csv", "curves.png", "divergence.json", "args.json")
+STAGE_FILES = ("last.pth", "best.pth", "swa.pth", "metrics.csv", "watch.csv", "curves.png", "divergence.json", "args.json")
 
 
 def add_training_args(p, lr, epochs):
@@ -235,11 +237,12 @@ def finished(ckpt, args, stage_dir):
     return done
 
 
-def restore_named(target, stage_dir, epoch):
-    """A finished stage whose named checkpoint is gone (deleted, or lost to a kill): link it again."""
+def restore_named(target, stage_dir, epoch, weights_file=None):
+    """A finished stage whose named checkpoint is gone (deleted, or lost to a kill): link it again, from
+    its epoch's file, or from `weights_file` when it held averaged weights."""
     if Path(target).exists() or not runtime.is_main():
         return
-    source = Path(stage_dir) / "epochs" / f"epoch_{epoch:03d}.pth"
+    source = Path(stage_dir) / (weights_file or f"epochs/epoch_{epoch:03d}.pth")
     if not source.exists():
         raise UsageError(f"{target} is missing and the weights of its epoch ({epoch}) are no longer kept; "
                          "rerun with --fresh")
@@ -335,14 +338,15 @@ class StageRun:
                       dict(self.state.get("marks", {})), getattr(self.cfg.rule, "window", 5))
 
     def finish(self, named):
-        """last.pth (finished), then the named checkpoints {path: (epoch, the decision that named it)}."""
+        """last.pth (finished), then the named checkpoints {path: (epoch, the decision that named it,
+        averaged weights or None)}."""
         self.keeper.writer.flush()  # the last periodic last.pth lands whole before the final one replaces it
-        epochs = {epoch for epoch, _ in named.values()}
+        epochs = {epoch for epoch, _, _ in named.values()}
         self.keeper.kept = {e: v for e, v in self.keeper.kept.items() if e in epochs}
         last = self.history[-1]["epoch"]
         self.keeper.save_last(last, self.training_state, finished=True)
-        for path, (epoch, decision) in named.items():
-            self.keeper.name(path, epoch, {"file": Path(path).name, "stage": self.cfg.stage, **decision})
+        for path, (epoch, decision, averaged) in named.items():
+            self.keeper.name(path, epoch, {"file": Path(path).name, "stage": self.cfg.stage, **decision}, averaged)
         self.write_progress()
         self.keeper.close()
         plots.stop_helper()
@@ -419,10 +423,13 @@ def open_stage(cfg, title, prev, init=None):
 
 def stage1(args):
     """Train at lr 1e-4 and keep the epoch the rule chooses as divergence.pth; returns the exit code."""
+    if args.rule == "swa" and "swa" not in args.measure_averages:  # the rule keeps that average: track it
+        args = argparse.Namespace(**{**vars(args), "measure_averages": [*args.measure_averages, "swa"]})
     out, stage_dir = prepare_out(args, "1e-4")
     prev = previous_run(args, stage_dir)
     if finished(prev, args, stage_dir):
-        restore_named(out / "divergence.pth", stage_dir, prev["stage"]["decision"]["chosen_epoch"])
+        restore_named(out / "divergence.pth", stage_dir, prev["stage"]["decision"]["chosen_epoch"],
+                      prev["stage"].get("weights_file"))
         return cli.EXIT_OK
     cfg = resolve(args, "1e-4", prev)
     problem = None if prev else check_input(cfg.arch, cfg.img_size)  # before any photo is decoded
@@ -460,8 +467,17 @@ def end_stage1(run, decision, out, stage_dir):
     say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
     steady = {"rule": "steady-best", "chosen_epoch": best, "reason": rules.SteadyBest().observe(history).reason}
-    return run.finish({out / "divergence.pth": (chosen, {"rule": cfg.rule.name, **compact(decision)}),
-                       stage_dir / "best.pth": (best, steady)})
+    averaged = None
+    if isinstance(cfg.rule, rules.WeightAverage):  # the mean of the last quarter's weights, not one epoch's
+        first = math.floor(0.75 * cfg.epochs) + 1
+        averaged = {"state": run.loop.averages["swa"].model.state_dict(), "file": "swa.pth",
+                    "weights": f"SWA: the mean of the weights at the end of epochs {first}-{chosen}, BatchNorm "
+                               "statistics recomputed for the mean",
+                    "metrics": {**{k: row[k] for k in ("epoch", "train_n", "val_n") if k in row},
+                                **{k[4:]: v for k, v in row.items() if k.startswith("swa_") and not k.endswith("_correct")}}}
+        run.state["weights_file"] = "swa.pth"
+    return run.finish({out / "divergence.pth": (chosen, {"rule": cfg.rule.name, **compact(decision)}, averaged),
+                       stage_dir / "best.pth": (best, steady, None)})
 
 
 def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_path):
@@ -509,4 +525,4 @@ def stage2(args):
     for label, epoch in (("start (ep 0)", 0), (f"last (ep {last})", last), (f"steady best (ep {best})", best)):
         say(f"{label:22}{rows[epoch]['val_acc']:9.2f}{rows[epoch]['gap']:9.2f}")
     say(f"final.pth: {out / 'final.pth'} = epoch {final} ({cfg.keep}, --keep); epoch 0 is the --init checkpoint")
-    return run.finish({out / "final.pth": (final, {"rule": cfg.rule.name, **compact(decision)})})
+    return run.finish({out / "final.pth": (final, {"rule": cfg.rule.name, **compact(decision)}, None)})

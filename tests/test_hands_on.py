@@ -167,3 +167,23 @@ def test_a_missing_cjk_font_is_said_once_with_the_fix(monkeypatch, capsys, tmp_p
     plots.confusion(matrix, ["cat", "dog"], tmp_path / "c.png", "t")
     out = capsys.readouterr().out
     assert out.count("draw as boxes") == 1 and "pip install noto-cjk-sans-jp-regular==0.0.1" in out
+
+
+def test_rule_swa_keeps_the_mean_of_the_last_quarters_epoch_weights(tmp_path):
+    data = tmp_path / "data"
+    write_photo_set(data / "train", per_class=4, seed=1)
+    write_photo_set(data / "val", per_class=2, seed=2)
+    out = tmp_path / "ck"
+    run_script("model_1e-4.py", "--data", data, "--out", out, "--epochs", "8", "--rule", "swa", "--keep-all",
+               "--no-br", "--no-ocm", *SMALL, check=0)
+    kept = checkpoint.load(out / "divergence.pth")
+    assert kept["weights"].startswith("SWA: the mean of the weights at the end of epochs 7-8")
+    assert kept["decision"]["rule"] == "swa" and "val_acc" in kept["metrics"]
+    e7, e8 = (checkpoint.load(out / "1e-4" / "epochs" / f"epoch_00{e}.pth")["model"] for e in (7, 8))
+    for name, value in kept["model"].items():
+        if "running_" not in name and value.is_floating_point():  # (BatchNorm statistics: recomputed)
+            torch.testing.assert_close(value, (e7[name] + e8[name]) / 2, rtol=1e-5, atol=1e-6)
+    (out / "divergence.pth").unlink()  # restored from its own file, not from an epoch's
+    run_script("model_1e-4.py", "--data", data, "--out", out, "--epochs", "8", "--rule", "swa", "--keep-all",
+               "--no-br", "--no-ocm", *SMALL, check=0)
+    assert checkpoint.load(out / "divergence.pth")["weights"].startswith("SWA")

@@ -161,3 +161,12 @@ def test_replay_reads_any_metrics_csv_and_says_what_it_estimated():
     out = json.loads(proc.stdout)
     assert out["rule"]["patience"] == 3 and isinstance(out["chosen_epoch"], int) and out["fired"] in (True, False)
     assert "val_loss_se was not recorded: estimated" in out["reason"]
+
+
+def test_rule_swa_keeps_the_last_epoch_of_the_average_and_never_stops():
+    from smalldata.rule import WeightAverage
+
+    rows = overfitting_run()
+    decision = WeightAverage().observe(rows)
+    assert decision.chosen == rows[-1]["epoch"] and not decision.stop and decision.evidence["weights"] == "swa"
+    assert isinstance(rules.from_args({"rule": "swa"}), WeightAverage)

@@ -162,7 +162,7 @@ def test_resume_keeps_the_epoch_files_last_pth_needs_and_drops_those_written_pas
     assert files == ["epoch_002.pth"]  # epoch 3's weights are in last.pth itself; epoch 1 was never needed
     for epoch in (6, 7):  # what a killed later save may leave behind
         keeper.kept[epoch] = keeper.kept[3]
-        keeper._write_epoch(epoch)
+        checkpoint.save(keeper.make(epoch), keeper.epoch_path(epoch))
     keeper.close()
 
     resumed = Keeper(tmp_path, meta)
