@@ -237,6 +237,10 @@ def kept_bits(name, rows, budget_epochs=None):
 
 def report(args):
     histories = args.out / "histories"
+    recorded = args.out / "settings.json"  # the budget the histories were recorded with
+    if recorded.is_file():
+        settings = json.loads(recorded.read_text())
+        args.epochs, args.stage2_epochs = settings.get("epochs", args.epochs), settings.get("stage2_epochs", 20)
     runs = {}
     for path in sorted(histories.glob("*.csv")):
         if path.name.endswith(".watch.csv"):
@@ -260,8 +264,18 @@ def report(args):
             acc = intervals.describe(*intervals.bootstrap(mine), unit="")
             diff = "-" if name == "d" else intervals.describe(
                 *intervals.bootstrap(mine, [d_bits[cells.index(c)] for c in both]), unit="")
-            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name != 'e' else 'd + 20 epochs'}"
+            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name != 'e' else f'd + {args.stage2_epochs} epochs'}"
                          f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | {acc} | {diff} |")
+    if "e" in runs:  # the 1e-7 stage against its own start (d's last epoch), on the same photos
+        cells_e = sorted(runs["e"])
+        start = [next(r for r in runs["e"][c] if r["epoch"] == 0) for c in cells_e]
+        end = [runs["e"][c][-1] for c in cells_e]
+        diff = intervals.describe(*intervals.bootstrap([r["watch_correct"] for r in end],
+                                                       [r["watch_correct"] for r in start]), unit="")
+        val = [e["val_acc"] - s["val_acc"] for s, e in zip(start, end)]
+        lines += ["", f"The 1e-7 stage ({end[0]['epoch']} epochs, {len(cells_e)} cell(s)): test top-1 after it minus "
+                      f"before it (d's last epoch), paired: {diff} points; val_acc change per cell: "
+                      + ", ".join(f"{v:+.1f}" for v in val) + " points"]
     text = "\n".join(lines)
     print(text)
     (args.out / "results.md").write_text(text + "\n")

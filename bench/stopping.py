@@ -108,7 +108,7 @@ def main():
         if not runs:
             continue
         for part in ("tune", "report"):
-            chosen = {k: v for k, v in runs.items() if k.startswith(part) == (part == "tune")}
+            chosen = {k: v for k, v in runs.items() if k.startswith("tune") == (part == "tune")}
             if chosen:
                 print(table(f"configuration {config}, {'tuning' if part == 'tune' else 'reporting'} part", chosen,
                             args.markdown), end="\n\n")

@@ -178,7 +178,13 @@ class Stacked:
         return int(self.starts[-1])
 
     def __getitem__(self, idx):
-        """The images at the sorted or unsorted int array `idx`, in that order, as one array."""
+        """The images at the sorted or unsorted int array `idx`, in that order, as one array; a slice
+        that is exactly one of the arrays is that array (the originals' view stays a map)."""
+        if isinstance(idx, slice):
+            for k, array in enumerate(self.arrays):
+                if slice(self.starts[k], self.starts[k + 1]) == slice(*idx.indices(len(self))[:2]):
+                    return array
+            idx = np.arange(len(self))[idx]
         which = np.searchsorted(self.starts, idx, side="right") - 1
         out = np.empty((len(idx), *self.arrays[0].shape[1:]), np.uint8)
         for k, array in enumerate(self.arrays):

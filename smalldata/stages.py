@@ -250,16 +250,24 @@ def restore_named(target, stage_dir, epoch, weights_file=None):
     say(f"{target} was missing; written again from {source} (epoch {epoch})")
 
 
-def initial_model(cfg, classes):
-    """Stage 1's starting model and a note for the banner: ImageNet, none, or one of our checkpoints."""
+def starting_checkpoint(cfg):
+    """The checkpoint --weights FILE names, opened (safely) and checked before any photo is decoded."""
+    if cfg.weights in ("none", "imagenet"):
+        return None
+    ckpt = checkpoint.load(cfg.weights)
+    if ckpt["arch"] != cfg.arch:
+        raise UsageError(f"{cfg.weights} is a {ckpt['arch']} checkpoint, not {cfg.arch}; pass --arch {ckpt['arch']}")
+    return ckpt
+
+
+def initial_model(cfg, classes, ckpt):
+    """Stage 1's starting model and a note for the banner: ImageNet, none, or one of our checkpoints
+    (`ckpt`, from starting_checkpoint)."""
     if cfg.weights == "none":
         return build_model(cfg.arch, len(classes)), "from scratch (--weights none)"
     if cfg.weights == "imagenet":
         note = "ImageNet weights" + ("" if imagenet_available(cfg.arch) else " (downloading)")
         return build_model(cfg.arch, len(classes), "imagenet"), note
-    ckpt = checkpoint.load(cfg.weights)
-    if ckpt["arch"] != cfg.arch:
-        raise UsageError(f"{cfg.weights} is a {ckpt['arch']} checkpoint, not {cfg.arch}; pass --arch {ckpt['arch']}")
     model = build_model(cfg.arch, len(classes))
     state = ckpt["model"]
     if ckpt["classes"] != list(classes):  # other classes: keep the body, start a fresh head
@@ -391,8 +399,9 @@ def compact(decision):
     return {"stop": decision.stop, "chosen_epoch": decision.chosen, "reason": decision.reason, **evidence}
 
 
-def open_stage(cfg, title, prev, init=None):
-    """Decode the data and build the StageRun; `init` is the checkpoint stage 2 starts from."""
+def open_stage(cfg, title, prev, init=None, start=None):
+    """Decode the data and build the StageRun; `init` is the checkpoint stage 2 starts from, `start` the
+    one stage 1's --weights FILE names."""
     problems = cli.Problems()
     device_amp = runtime.setup(cfg.device, cfg.seed, cfg.deterministic)
     workers = runtime.world()[1]
@@ -411,7 +420,7 @@ def open_stage(cfg, title, prev, init=None):
         meta = {k: source[k] for k in ("arch", "classes", "img_size", "mean", "std")}
         note = "resumed" if prev else f"weights of {cfg.init} (epoch {init['epoch']}), fresh Adam"
     else:
-        model, note = initial_model(cfg, data["classes"])
+        model, note = initial_model(cfg, data["classes"], start)
         meta = dict(arch=cfg.arch, classes=data["classes"], img_size=cfg.img_size, mean=list(IMAGENET_MEAN),
                     std=list(IMAGENET_STD))
     run = StageRun(cfg, title, model, data, meta, prev, device_amp, problems)
@@ -435,7 +444,9 @@ def stage1(args):
     problem = None if prev else check_input(cfg.arch, cfg.img_size)  # before any photo is decoded
     if problem:
         raise UsageError(problem)
-    run = open_stage(cfg, f"stage 1: {cfg.arch} lr {cfg.lr:g}", prev)
+    start = None if prev else starting_checkpoint(cfg)  # (a refused file stops the run before decoding)
+    run = open_stage(cfg, f"stage 1: {cfg.arch} lr {cfg.lr:g}", prev, start=start)
+    del start  # (its weights are in the model now)
     say(f"rule: {describe_rule(cfg.rule)} (details: divergence.json)")
     decision = train_epochs(run)
     return end_stage1(run, decision, out, stage_dir)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from . import checkpoint, runtime
 from .cli import say
-from .data import Augment, Normalize, available_memory, batch_order, device_batches
+from .data import Augment, Normalize, batch_order, device_batches
 from .model import fp32_head
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
@@ -154,21 +154,12 @@ def batchnorm_layers(model, probe):
     return order
 
 
-def bn_chunk(model, probe):
-    """How many images one forward pass of the precise-BN computation may hold: a quarter of the free
-    memory over the largest activation of one image (x3: input, output and the statistics' copy)."""
-    largest = [0]
-
-    def note(_, __, out):
-        if torch.is_tensor(out):
-            largest[0] = max(largest[0], out.numel() * 4)
-    handles = [m.register_forward_hook(note) for m in model.modules()]
-    try:
-        model(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    return max(1, int(0.25 * available_memory(probe.device) // (3 * max(largest[0], 1))))
+def bn_chunk(img_size):
+    """Images per forward pass of the precise-BN computation: 128 at 256 px (VGG-13's largest
+    activation is then about 3 GB in float32), more for smaller photos. Fixed by the image size, never
+    by the free memory: how the images are grouped changes the last bits of the statistics, and a
+    resumed run must repeat an uninterrupted one exactly."""
+    return max(8, 128 * 256 * 256 // (img_size * img_size))
 
 
 def _moments(x):
@@ -198,9 +189,9 @@ def precise_bn(loop, x_all, model=None, chunk=None):
 
     Why: the running averages (momentum 0.1) lag behind weights that changed a lot in a few steps, and
     averaging per-batch statistics weighs a small last batch like a full one and leaves out the spread
-    between batches. When a worker's share fits in one forward pass (`chunk` images, from the free
-    memory), one pass does it: each layer normalises its whole input with the statistics of that input.
-    Otherwise one pass per layer, each cut short after that layer.
+    between batches. When a worker's share fits in one forward pass (`chunk` images, bn_chunk), one
+    pass does it: each layer normalises its whole input with the statistics of that input. Otherwise
+    one pass per layer, each cut short after that layer.
     """
     model = model or loop.model
     model.eval()
@@ -211,8 +202,7 @@ def precise_bn(loop, x_all, model=None, chunk=None):
         layers = batchnorm_layers(model, probe)
         if not layers:
             return
-        chunk = chunk or getattr(loop, "bn_chunk", None) or bn_chunk(model, probe)
-        loop.bn_chunk = chunk
+        chunk = chunk or bn_chunk(probe.shape[-1])
         single = torch.tensor(float(len(share) <= chunk), device=loop.device)
         runtime.all_min(single)  # every worker takes the same way
         if single.item():

@@ -156,11 +156,16 @@ def test_an_architecture_that_cannot_train_at_the_size_is_refused_before_decodin
     assert r.returncode == 2 and "it does at --img-size 224" in r.stderr and "decode" not in r.stderr
 
 
-def test_a_missing_cjk_font_is_said_once_with_the_fix(monkeypatch, capsys, tmp_path):
+def test_a_missing_cjk_font_is_said_once_with_the_fix(monkeypatch, capsys, tmp_path, request):
+    import matplotlib
+
     from smalldata import plots
 
     monkeypatch.setattr(plots, "cjk_font_path", lambda: None)
+    monkeypatch.setitem(matplotlib.rcParams, "font.family", matplotlib.rcParams["font.family"])
     plots._say_font_missing.cache_clear()
+    plots._matplotlib_fonts.cache_clear()  # (set up again without the font here, and again with it after)
+    request.addfinalizer(plots._matplotlib_fonts.cache_clear)
     matrix = torch.tensor([[2, 1], [0, 3]])
     plots.confusion(matrix, ["고양이", "개"], tmp_path / "a.png", "t")
     plots.confusion(matrix, ["고양이", "개"], tmp_path / "b.png", "t")
