@@ -232,7 +232,10 @@ def kept_bits(name, rows, budget_epochs=None):
     if name == "e":
         return rows[-1]["watch_correct"]
     decision = rules.default_rule().observe([r for r in rows if r["epoch"] > 0])
-    return next(r for r in rows if r["epoch"] == decision.chosen)["watch_correct"]
+    row = next(r for r in rows if r["epoch"] == decision.chosen)
+    if decision.evidence.get("weights") == "swa":  # the SWA mean, where this history's budget held one
+        return row.get("swa_watch_correct") or row["watch_correct"]  # (a run cut short of its window: last epoch)
+    return row["watch_correct"]
 
 
 def report(args):

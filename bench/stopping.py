@@ -21,7 +21,8 @@ Ways:
 
 --replay prints, as JSON, what the rule (the default, or the one the flags give) decides on any
 metrics.csv that model_1e-4.py wrote, older ones included: where a column it needs is missing, it is
-estimated and `reason` says so.
+estimated and `reason` says so. Under any other rule than divergence it adds what the recipe's divergence
+rule would have done (divergence_rule_would), as model_1e-4.py's divergence.json does.
 """
 import argparse
 import json
@@ -88,6 +89,10 @@ def replay(args):
     decision = rule.observe(rows)
     out = {"rule": rule.settings(), "fired": decision.evidence.get("fired", False),
            "fired_at": decision.evidence.get("fired_at"), "chosen_epoch": decision.chosen, "reason": decision.reason}
+    if not isinstance(rule, rules.Divergence):  # (as divergence.json: what the recipe's rule would have done)
+        would = rules.from_settings("divergence", vars(args)).observe(rows)
+        out["divergence_rule_would"] = {"fired": would.evidence["fired"], "fired_at": would.evidence.get("fired_at"),
+                                        "chosen_epoch": would.chosen, "reason": would.reason}
     print(json.dumps(out, indent=1))
 
 

@@ -464,9 +464,16 @@ def end_stage1(run, decision, out, stage_dir):
     history, cfg = run.history, run.cfg
     chosen = decision.chosen
     best = rules.steady_best(history, 2, set(run.keeper.kept))
-    run.state.update(decision=compact(decision), marks={chosen: "divergence.pth", **({best: "best.pth"} if best != chosen else {})})
+    first = math.floor(0.75 * cfg.epochs) + 1  # (the SWA rule's window: the last quarter)
+    would = None if isinstance(cfg.rule, rules.Divergence) else cfg.divergence.observe(history)
+    marks = {**({would.chosen: "divergence rule would keep"} if would and would.evidence["fired"] else {}),
+             **({best: "best.pth"} if best != chosen else {}),
+             **({first: "SWA from"} if isinstance(cfg.rule, rules.WeightAverage) else {}), chosen: "divergence.pth"}
+    run.state.update(decision=compact(decision), marks=marks)
     if not decision.stop:
         say(decision.reason)
+    if would:
+        say(f"(the recipe's divergence rule, replayed on this history: {would.reason})")
     row = next(r for r in history if r["epoch"] == chosen)
     warnings = []
     if rules.near_chance(row["val_acc"], row["val_n"], len(run.data["classes"])):
@@ -474,13 +481,13 @@ def end_stage1(run, decision, out, stage_dir):
                         f"({100 / len(run.data['classes']):.1f} %): the model has not learnt much")
         say(f"warning: {warnings[-1]}", file=sys.stderr)
     if run.main:
-        write_divergence_json(stage_dir / "divergence.json", history, cfg, decision, warnings, out / "divergence.pth")
+        write_divergence_json(stage_dir / "divergence.json", history, cfg, decision, warnings, out / "divergence.pth",
+                              would)
     say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
     steady = {"rule": "steady-best", "chosen_epoch": best, "reason": rules.SteadyBest().observe(history).reason}
     averaged = None
     if isinstance(cfg.rule, rules.WeightAverage):  # the mean of the last quarter's weights, not one epoch's
-        first = math.floor(0.75 * cfg.epochs) + 1
         averaged = {"state": run.loop.averages["swa"].model.state_dict(), "file": "swa.pth",
                     "weights": f"SWA: the mean of the weights at the end of epochs {first}-{chosen}, BatchNorm "
                                "statistics recomputed for the mean",
@@ -491,7 +498,7 @@ def end_stage1(run, decision, out, stage_dir):
                        stage_dir / "best.pth": (best, steady, None)})
 
 
-def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_path):
+def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_path, would=None):
     """Why divergence.pth holds its epoch: the rule, its reason and numbers, every epoch's noise, and, when
     another rule chose, what the recipe's divergence rule would have done on the same history."""
     good, sv = rules.qualifying(history, 2)
@@ -502,8 +509,7 @@ def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_pat
     body = {"chosen_epoch": decision.chosen, "reason": decision.reason, "stopped_early": decision.stop,
             "checkpoint": str(checkpoint_path), "warnings": warnings, "rule": cfg.rule.settings(),
             **{k: v for k, v in decision.evidence.items() if k != "tests"}}
-    if not isinstance(cfg.rule, rules.Divergence):
-        would = cfg.divergence.observe(history)
+    if would is not None:  # another rule chose: what the divergence rule would have done
         body["divergence_rule_would"] = {"fired": would.evidence["fired"], "fired_at": would.evidence.get("fired_at"),
                                          "chosen_epoch": would.chosen, "reason": would.reason}
         decision = would

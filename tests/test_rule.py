@@ -155,12 +155,16 @@ def test_replay_reads_any_metrics_csv_and_says_what_it_estimated():
     from conftest import REPO
 
     old = REPO / "bench" / "histories" / "resnet18-48" / "c10_s0_full.csv"
-    proc = subprocess.run([sys.executable, REPO / "bench" / "stopping.py", "--replay", old, "--patience", "3"],
+    proc = subprocess.run([sys.executable, REPO / "bench" / "stopping.py", "--replay", old, "--rule", "divergence", "--patience", "3"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["rule"]["patience"] == 3 and isinstance(out["chosen_epoch"], int) and out["fired"] in (True, False)
     assert "val_loss_se was not recorded: estimated" in out["reason"]
+    proc = subprocess.run([sys.executable, REPO / "bench" / "stopping.py", "--replay", old, "--rule", "swa"],
+                          capture_output=True, text=True, timeout=120)
+    out = json.loads(proc.stdout)
+    assert out["rule"]["rule"] == "swa" and "estimated" in out["divergence_rule_would"]["reason"]
 
 
 def test_rule_swa_keeps_the_last_epoch_of_the_average_and_never_stops():

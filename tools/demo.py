@@ -141,6 +141,8 @@ def main():
     args = p.parse_args()
     import torch
 
+    from smalldata import files
+
     kind = "gpu" if torch.cuda.is_available() and not args.small else "cpu"
     cfg = CONFIGS[kind]
     data, out = (REPO / args.data).resolve(), (REPO / args.out).resolve()
@@ -187,10 +189,9 @@ def main():
     lines, numbers = comparison(out / "originals-only" / "score-test", out / "score-stage1-test",
                                 out / "demo_comparison.png", cfg["epochs1"] * steps_d)
     print("\n".join(lines) + f"\npicture: {out / 'demo_comparison.png'}")
-    (out / "demo_summary.json").write_text(json.dumps({"config": cfg, "kind": kind, "weights": weights,
-                                                       "masks": {k: masks.get(k) for k in ("compared", "median_iou",
-                                                                                           "share_above_half")},
-                                                       **numbers}, indent=1))
+    files.write_json(out / "demo_summary.json", {"config": cfg, "kind": kind, "weights": weights, **numbers,
+                                                 "masks": {k: masks.get(k) for k in ("compared", "median_iou",
+                                                                                     "share_above_half")}})
     print("\n===== timings")
     for name, seconds, code in timings:
         print(f"{name:36s} {seconds:8.1f} s   exit {code}")
