@@ -29,6 +29,7 @@ from smalldata import background, cli, rembg_api
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    rembg_api.skip_matting_compile(args.alpha_matting)
     if args.list_models:
         return background.list_models()
     if not args.min_fg < args.max_fg:

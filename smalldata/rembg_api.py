@@ -34,6 +34,15 @@ U2NETP_MEMBER = "rembg/u2netp.onnx"
 MATTING = dict(foreground_threshold=240, background_threshold=10, erode_structure_size=10)
 
 
+def skip_matting_compile(alpha_matting):
+    """rembg imports pymatting, which compiles its numba kernels when imported: about 100 s on 2 cores the
+    first time in a new environment (measured with a fresh NUMBA_CACHE_DIR), for alpha matting only.
+    Without --alpha-matting numba's compiler is switched off before rembg is first imported (nothing
+    else here uses numba; the import then takes about 2 s)."""
+    if not alpha_matting and "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_DISABLE_JIT", "1")
+
+
 def extra_home() -> Path:
     """Where set-up puts u2netp when U2NET_HOME is not set: inside the environment, writing nothing elsewhere."""
     return Path(os.environ["U2NET_HOME"]).expanduser() if os.environ.get("U2NET_HOME") else Path(sys.prefix) / "u2net"

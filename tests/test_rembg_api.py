@@ -5,6 +5,7 @@ import inspect
 from rembg import bg, new_session
 from rembg.sessions import sessions, sessions_class
 
+from conftest import REPO
 from smalldata import rembg_api
 
 
@@ -32,3 +33,24 @@ def test_models_are_found_where_rembg_looks_then_in_the_environment(tmp_path, mo
     mine.parent.mkdir()
     mine.write_bytes((rembg_api.extra_home() / "u2netp.onnx").read_bytes())
     assert rembg_api.find_model("u2netp") == str(mine)
+
+
+def test_without_alpha_matting_rembg_imports_without_compiling_pymatting():
+    # pymatting compiles its numba kernels when rembg imports it (about 100 s in a new environment);
+    # BR without --alpha-matting switches numba's compiler off first, and leaves it on when asked.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from smalldata import rembg_api; rembg_api.skip_matting_compile({}); "
+            "print(os.environ.get('NUMBA_DISABLE_JIT')); "
+            "import rembg, numba; print(numba.config.DISABLE_JIT) if 'rembg' in sys.modules else None")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_")}
+    off = subprocess.run([sys.executable, "-c", code.format(False)], capture_output=True, text=True, env=env,
+                         cwd=REPO, timeout=120)
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.split() == ["1", "1"]
+    on = subprocess.run([sys.executable, "-c", "import os; from smalldata import rembg_api; "
+                         "rembg_api.skip_matting_compile(True); print(os.environ.get('NUMBA_DISABLE_JIT'))"],
+                        capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
+    assert on.stdout.split() == ["None"]
