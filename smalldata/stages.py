@@ -475,19 +475,22 @@ def end_stage1(run, decision, out, stage_dir):
     if would:
         say(f"(the recipe's divergence rule, replayed on this history: {would.reason})")
     row = next(r for r in history if r["epoch"] == chosen)
+    swa = isinstance(cfg.rule, rules.WeightAverage)
+    kept, kept_val = (f"the SWA mean of epochs {first}-{chosen}", row.get("swa_val_acc", row["val_acc"])) if swa \
+        else (f"epoch {chosen}", row["val_acc"])
     warnings = []
-    if rules.near_chance(row["val_acc"], row["val_n"], len(run.data["classes"])):
-        warnings.append(f"the kept epoch's val_acc {row['val_acc']:.1f} % is within noise of chance "
+    if rules.near_chance(kept_val, row["val_n"], len(run.data["classes"])):
+        warnings.append(f"the kept weights' val_acc {kept_val:.1f} % is within noise of chance "
                         f"({100 / len(run.data['classes']):.1f} %): the model has not learnt much")
         say(f"warning: {warnings[-1]}", file=sys.stderr)
     if run.main:
         write_divergence_json(stage_dir / "divergence.json", history, cfg, decision, warnings, out / "divergence.pth",
                               would)
-    say(f"kept epoch {chosen} (val {row['val_acc']:.2f} %, gap {row['gap']:.2f}) as {out / 'divergence.pth'}; "
+    say(f"kept {kept} (val {kept_val:.2f} %) as {out / 'divergence.pth'}; "
         f"steady best-val epoch {best} as {stage_dir / 'best.pth'}")
     steady = {"rule": "steady-best", "chosen_epoch": best, "reason": rules.SteadyBest().observe(history).reason}
     averaged = None
-    if isinstance(cfg.rule, rules.WeightAverage):  # the mean of the last quarter's weights, not one epoch's
+    if swa:  # the mean of the last quarter's weights, not one epoch's
         averaged = {"state": run.loop.averages["swa"].model.state_dict(), "file": "swa.pth",
                     "weights": f"SWA: the mean of the weights at the end of epochs {first}-{chosen}, BatchNorm "
                                "statistics recomputed for the mean",

@@ -36,8 +36,11 @@ def run_script(script, *args, cwd=None, timeout=900, check=None):
 
 def run_here(script, *args):
     """Run a script as `python script args` would, but in this process; returns (returncode, stdout, stderr)."""
+    from smalldata import cli
+
     out, err, argv = io.StringIO(), io.StringIO(), sys.argv
     sys.argv = [str(REPO / script), *map(str, args)]
+    cli._Log.path, cli._Log.pending = None, []  # (a new process starts without a run log)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

@@ -34,7 +34,7 @@ def test_each_stage_writes_a_log_of_what_it_said_without_progress_bars(trained):
     data, out, s1, _ = trained
     log = (out / "1e-4" / "log.txt").read_text()
     assert log.startswith("===== ") and "model_1e-4.py --data" in log.splitlines()[0]
-    for line in ("== stage 1: resnet18", "epoch   2  train", "kept epoch", "rule: divergence"):
+    for line in ("== stage 1: resnet18", "epoch   2  train", "kept the SWA mean of epochs", "rule: swa", "the recipe's divergence rule, replayed"):
         assert line in log, line
     assert "batch/s" not in log and "\r" not in log  # tqdm's bars stay on the console
     assert "epoch   1  train" in (out / "1e-7" / "log.txt").read_text()

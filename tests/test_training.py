@@ -47,7 +47,11 @@ def test_two_stages_write_every_file_of_the_contract(data_with_extras, tmp_path)
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds"]
     info = json.loads((out / "1e-4/divergence.json").read_text())
-    assert info["fired"] is False and info["chosen_epoch"] == steady_best(
+    # the default rule keeps the SWA mean (here of epoch 2 alone); the divergence rule is replayed beside it
+    assert info["rule"]["rule"] == "swa" and info["chosen_epoch"] == 2
+    assert torch.load(out / "divergence.pth", weights_only=True)["weights"].startswith("SWA")
+    would = info["divergence_rule_would"]
+    assert would["fired"] is False and would["chosen_epoch"] == steady_best(
         [{k: float(v) for k, v in r.items() if v != ""} for r in rows])
 
     r2 = run_script("model_1e-7_ep20.py", "--data", data_with_extras, "--out", out, "--epochs", "2",
@@ -78,7 +82,9 @@ def test_two_stages_write_every_file_of_the_contract(data_with_extras, tmp_path)
 
 def test_a_finished_run_extended_with_more_epochs_continues_its_history(tiny_data, tmp_path):
     # (a kill and rerun repeating an uninterrupted run exactly is tests/test_reliability.py's)
-    args = ["--data", tiny_data, "--no-br", "--no-ocm", "--deterministic", "--arch", "resnet18", *SMALL]
+    # (--rule divergence: under swa the averaging window is the last quarter of --epochs, which extending moves)
+    args = ["--data", tiny_data, "--no-br", "--no-ocm", "--deterministic", "--arch", "resnet18", "--rule", "divergence",
+            *SMALL]
     run_script("model_1e-4.py", *args, "--out", tmp_path / "a", "--epochs", "3", check=0)
     run_script("model_1e-4.py", *args, "--out", tmp_path / "b", "--epochs", "1", check=0)
     r = run_script("model_1e-4.py", *args, "--out", tmp_path / "b", "--epochs", "3", check=0)

@@ -197,8 +197,10 @@ def main():
     masks_lines, masks = mask_quality(data, out / "br_masks", out / "br_worst_masks.png")
     print("\n".join(masks_lines))
     decision = json.loads((out / "1e-4" / "divergence.json").read_text())
-    print(f"Stage 1 of the recipe kept epoch {decision['chosen_epoch']} of {cfg['epochs1']} (rule "
-          f"{decision['rule']['rule']}): {decision['reason']}; curves: {out / '1e-4' / 'curves.png'}")
+    would = decision.get("divergence_rule_would")
+    print(f"Stage 1 of the recipe, {cfg['epochs1']} epochs, rule {decision['rule']['rule']}: {decision['reason']}"
+          + (f"; the divergence rule, replayed: {would['reason']}" if would else "")
+          + f"; curves: {out / '1e-4' / 'curves.png'}")
     lines, numbers = comparison(out / "originals-only" / "score-test", out / "score-stage1-test",
                                 out / "demo_comparison.png", cfg["epochs1"] * steps_d)
     lines.append(f"Test photos on a background that belongs to another class in train, named as that class "
