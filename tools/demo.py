@@ -128,7 +128,8 @@ def mask_quality(data, masks, out):
 
     r = demo_truth.compare(masks, data / "masks" / "train", worst=6)
     if not r["compared"]:
-        return [f"BR masks: none to compare in {masks}"], r
+        return [f"BR's masks: none in {masks} to compare with the truth (BR's images were written by an earlier run, "
+                f"which skips them now; remove {data / 'br'} to measure the masks again)"], r
     rows = []
     for rel, iou in r["worst"]:
         stem = Path(rel).with_suffix("")
