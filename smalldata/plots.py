@@ -6,6 +6,7 @@ writer thread, and no display needed.
 import functools
 import io
 import math
+import os
 import warnings
 
 from PIL import Image, ImageDraw, ImageFont
@@ -73,8 +74,23 @@ def elsewhere(fn, *args):
     from concurrent.futures import ProcessPoolExecutor
 
     if not _POOL:
-        _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
+        _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_exit_with_parent, initargs=(os.getpid(),)))
     return _POOL[0].submit(fn, *args).result()
+
+
+def _exit_with_parent(parent):
+    """In the helper: end when the process that started it is gone (killed, say), not live on holding
+    matplotlib's memory; checked every second on a daemon thread."""
+    import threading
+    import time
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def stop_helper():

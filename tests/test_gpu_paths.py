@@ -88,3 +88,34 @@ def test_only_one_background_removal_worker_clears_stale_temporaries(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("removed 1 temporary file(s)") == 1 and not stale.exists()
     assert len(list((tmp_path / "br").rglob("*.png"))) == 2
+
+
+def test_the_drawing_helper_ends_when_the_process_that_started_it_is_killed(tmp_path):
+    # A killed training run (a kill -9, a lost node) must not leave its curves helper, with matplotlib's
+    # memory, running on: the helper watches its parent and ends within about a second of it.
+    import signal
+    import subprocess
+
+    code = ("import os, sys, time; from smalldata import plots; "
+            "plots.elsewhere(plots.training_curves, [{'epoch': 1, 'train_loss': 1.0, 'val_loss': 1.0, 'train_acc': 50.0, "
+            "'val_acc': 40.0, 'gap': 10.0}], sys.argv[1], 't'); "
+            "print(plots._POOL[0]._processes and list(plots._POOL[0]._processes)[0], flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "c.png")], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
+    helper = int(proc.stdout.readline())
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    def alive(pid):  # (an ended helper nobody has reaped yet is a zombie: ended)
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    for _ in range(100):
+        if not alive(helper):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the helper {helper} outlived its killed parent by 10 s")
