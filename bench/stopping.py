@@ -87,12 +87,9 @@ def replay(args):
     rows = [r for r in read_history(Path(args.replay)) if r["epoch"] > 0]
     rule = rules.from_args(args)
     decision = rule.observe(rows)
-    out = {"rule": rule.settings(), "fired": decision.evidence.get("fired", False),
-           "fired_at": decision.evidence.get("fired_at"), "chosen_epoch": decision.chosen, "reason": decision.reason}
+    out = {"rule": rule.settings(), **rules.outcome(decision)}
     if not isinstance(rule, rules.Divergence):  # (as divergence.json: what the recipe's rule would have done)
-        would = rules.from_settings("divergence", vars(args)).observe(rows)
-        out["divergence_rule_would"] = {"fired": would.evidence["fired"], "fired_at": would.evidence.get("fired_at"),
-                                        "chosen_epoch": would.chosen, "reason": would.reason}
+        out["divergence_rule_would"] = rules.outcome(rules.from_settings("divergence", vars(args)).observe(rows))
     print(json.dumps(out, indent=1))
 
 

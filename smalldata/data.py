@@ -181,10 +181,11 @@ class Stacked:
         """The images at the sorted or unsorted int array `idx`, in that order, as one array; a slice
         that is exactly one of the arrays is that array (the originals' view stays a map)."""
         if isinstance(idx, slice):
+            start, stop, step = idx.indices(len(self))
             for k, array in enumerate(self.arrays):
-                if slice(self.starts[k], self.starts[k + 1]) == slice(*idx.indices(len(self))[:2]):
+                if step == 1 and (start, stop) == (self.starts[k], self.starts[k + 1]):
                     return array
-            idx = np.arange(len(self))[idx]
+            idx = np.arange(start, stop, step)
         which = np.searchsorted(self.starts, idx, side="right") - 1
         out = np.empty((len(idx), *self.arrays[0].shape[1:]), np.uint8)
         for k, array in enumerate(self.arrays):

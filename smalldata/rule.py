@@ -260,6 +260,12 @@ def still_needed(history, rule, found):
     return recent | set(older[-1:]) | steady_needed(history, rule.window // 2)
 
 
+def outcome(decision):
+    """What a rule decided, as JSON: fired (the divergence rule), where, the chosen epoch and why."""
+    return {"fired": decision.evidence.get("fired", False), "fired_at": decision.evidence.get("fired_at"),
+            "chosen_epoch": decision.chosen, "reason": decision.reason}
+
+
 # ---------------------------------------------------------------- stage 1's flags
 
 RULES = {"divergence": Divergence, "steady-best": SteadyBest, "last": LastEpoch, "swa": WeightAverage}

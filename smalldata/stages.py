@@ -6,7 +6,6 @@ One epoch reads top to bottom in train_epochs: train, measure, observe, keep, sa
 """
 import argparse
 import dataclasses
-import math
 import shutil
 import sys
 import time
@@ -18,7 +17,7 @@ from .data import AUGMENTATIONS, DEVICE_SHARE, Augment, load_training_data
 from .folders import refuse_overlap
 from .keeper import Keeper
 from .model import build_model, check_input, count_parameters, imagenet_available
-from .train import (average_spec, make_loop, measure, metric_columns, restore_training_state, train_epoch,
+from .train import (average_spec, swa_start, make_loop, measure, metric_columns, restore_training_state, train_epoch,
                     training_state)
 
 # Settings that define a run: a rerun with other values must not silently continue the old one. The
@@ -464,18 +463,17 @@ def end_stage1(run, decision, out, stage_dir):
     history, cfg = run.history, run.cfg
     chosen = decision.chosen
     best = rules.steady_best(history, 2, set(run.keeper.kept))
-    first = math.floor(0.75 * cfg.epochs) + 1  # (the SWA rule's window: the last quarter)
+    swa, first = isinstance(cfg.rule, rules.WeightAverage), swa_start(cfg.epochs)
     would = None if isinstance(cfg.rule, rules.Divergence) else cfg.divergence.observe(history)
     marks = {**({would.chosen: "divergence rule would keep"} if would and would.evidence["fired"] else {}),
-             **({best: "best.pth"} if best != chosen else {}),
-             **({first: "SWA from"} if isinstance(cfg.rule, rules.WeightAverage) else {}), chosen: "divergence.pth"}
+             **({best: "best.pth"} if best != chosen else {}), **({first: "SWA from"} if swa else {}),
+             chosen: "divergence.pth"}
     run.state.update(decision=compact(decision), marks=marks)
     if not decision.stop:
         say(decision.reason)
     if would:
         say(f"(the recipe's divergence rule, replayed on this history: {would.reason})")
     row = next(r for r in history if r["epoch"] == chosen)
-    swa = isinstance(cfg.rule, rules.WeightAverage)
     kept, kept_val = (f"the SWA mean of epochs {first}-{chosen}", row.get("swa_val_acc", row["val_acc"])) if swa \
         else (f"epoch {chosen}", row["val_acc"])
     warnings = []
@@ -513,8 +511,7 @@ def write_divergence_json(path, history, cfg, decision, warnings, checkpoint_pat
             "checkpoint": str(checkpoint_path), "warnings": warnings, "rule": cfg.rule.settings(),
             **{k: v for k, v in decision.evidence.items() if k != "tests"}}
     if would is not None:  # another rule chose: what the divergence rule would have done
-        body["divergence_rule_would"] = {"fired": would.evidence["fired"], "fired_at": would.evidence.get("fired_at"),
-                                         "chosen_epoch": would.chosen, "reason": would.reason}
+        body["divergence_rule_would"] = rules.outcome(would)
         decision = would
     files.write_json(path, {**body, "epochs_within_one_se_of_best_val": good, "epochs": epochs,
                             "tests": decision.evidence.get("tests", [])})

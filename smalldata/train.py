@@ -331,7 +331,7 @@ class WeightAverage:
             self.blend(model, 1 - decay)
 
     def after_epoch(self, model, epoch, last_epoch):
-        if self.kind == "swa" and epoch > math.floor(0.75 * last_epoch):
+        if self.kind == "swa" and epoch >= swa_start(last_epoch):
             self.blend(model, 1 / (self.updates + 1))
 
     def state_dict(self):
@@ -340,6 +340,11 @@ class WeightAverage:
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.updates = state["updates"]
+
+
+def swa_start(epochs):
+    """The first epoch whose weights SWA averages: the last quarter of `epochs`."""
+    return math.floor(0.75 * epochs) + 1
 
 
 def average_spec(text):
