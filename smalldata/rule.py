@@ -94,7 +94,15 @@ def steady_best(history, half=2, available=None):
     """
     good, _ = qualifying(history, half)
     good = [e for e in good if available is None or e in available]
-    return good[-1] if good else max(history, key=lambda r: r["val_acc"])["epoch"]
+    rows = [r for r in history if available is None or r["epoch"] in available] or history
+    return good[-1] if good else max(rows, key=lambda r: r["val_acc"])["epoch"]
+
+
+def held(history, decision):
+    """Epochs whose weights the keeper must hold after `decision`: what the rule may still choose, and
+    what the steady best may still be, which every stage names whatever its rule (stage 1's best.pth,
+    stage 2's summary and --keep best)."""
+    return decision.needed | {decision.chosen} | steady_needed(history, 2)
 
 
 def steady_needed(history, half):

@@ -370,7 +370,7 @@ def train_epochs(run, eval_first=False):
     if eval_first and run.first_epoch == 1:
         run.history.append(measure(loop, data, 0, 0.0, (float("nan"), float("nan"), 0.0)))
         decision = cfg.rule.observe(run.history)
-        run.keeper.snapshot(loop.model, run.history[-1], decision.needed | {decision.chosen})
+        run.keeper.snapshot(loop.model, run.history[-1], rules.held(run.history, decision))
     for epoch in range(run.first_epoch, cfg.epochs + 1):
         t0 = time.perf_counter()
         aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{cfg.epochs}")  # train
@@ -379,7 +379,7 @@ def train_epochs(run, eval_first=False):
         row = measure(loop, data, epoch, time.perf_counter() - t0, aug)  # measure
         run.history.append(row)
         decision = cfg.rule.observe(run.history, set(run.keeper.kept) | {epoch})  # observe
-        run.keeper.snapshot(loop.model, row, decision.needed | {decision.chosen})  # keep
+        run.keeper.snapshot(loop.model, row, rules.held(run.history, decision))  # keep
         run.state.update(decision=compact(decision), stopped_early=decision.stop,
                          marks={decision.chosen: "kept"} if decision.stop else {})
         run.write_progress()

@@ -120,6 +120,20 @@ def test_the_weights_a_later_decision_picks_are_always_still_held():
             assert len(held) <= Divergence().window + 4
 
 
+def test_the_steady_best_is_still_held_at_the_end_whatever_the_rule():
+    """Every stage names the steady best (stage 1's best.pth) under any rule: under swa or last, whose own
+    choice is only the last epoch, an early best-val epoch must not be forgotten (it was, in a 94-epoch run)."""
+    val = [40 + 5 * i for i in range(9)] + [80 - (i % 3) for i in range(10)] + [70 + (i % 4) for i in range(30)]
+    rows = rows_from([50 + i for i in range(len(val))], val)
+    for rule in (Divergence(early_stop=False), SteadyBest(), LastEpoch(), rules.WeightAverage()):
+        held = set()
+        for t in range(1, len(rows) + 1):
+            decision = rule.observe(rows[:t], held | {t})
+            held = rules.held(rows[:t], decision)
+        assert steady_best(rows, 2, held) == steady_best(rows, 2) <= 19, rule.name
+        assert decision.chosen in held
+
+
 def test_stage2_rule_keeps_the_last_epoch():
     rows = rows_from([50, 60, 70], [50, 70, 60])
     assert LastEpoch().observe(rows).chosen == 3 and not LastEpoch().observe(rows).stop
