@@ -130,14 +130,20 @@ def make_cell(args, cell, data):
     return classes
 
 
+class RunFailed(Exception):
+    """A step that exited with a code other than 0 or 1: its run is lost, the other runs go on."""
+
+
 def run(cmd, log):
-    """Run a command; returns seconds. Exit 1 (some inputs skipped) is fine, anything else stops the bench."""
+    """Run a command; returns seconds. Exit 1 (some inputs skipped) is fine; any other code fails this run
+    (RunFailed), and the bench goes on with the others and names it at the end."""
     print(f"  $ {shlex.join(map(str, cmd))}", flush=True)
     t0 = time.perf_counter()
     with open(log, "a") as f:
         code = subprocess.run([sys.executable, *map(str, cmd)], stdout=f, stderr=subprocess.STDOUT, cwd=REPO).returncode
     if code not in (0, 1):
-        sys.exit(f"failed ({code}); the end of {log}:\n" + "".join(open(log).readlines()[-30:]))
+        raise RunFailed(f"{Path(cmd[0]).name} failed ({code}); the end of {log}:\n"
+                        + "".join(open(log).readlines()[-30:]))
     return time.perf_counter() - t0
 
 
@@ -292,14 +298,25 @@ def main():
         histories.mkdir(parents=True, exist_ok=True)
         (args.out / "settings.json").write_text(json.dumps({k: str(v) if isinstance(v, Path) else v
                                                             for k, v in vars(args).items()}, indent=1))
-        prepared = {}
+        prepared, failed = {}, []
         for name in args.configs:  # one pass per configuration, over every cell: early results cover all cells
             for cell in args.cells:
                 work = args.out / "work" / cell.replace(":", "-")
-                if cell not in prepared:
-                    prepared[cell] = prepare(args, cell, work)
-                train_config(args, cell, name, *prepared[cell], work, histories)
+                try:
+                    if cell not in prepared:
+                        prepared[cell] = None  # (a cell whose preparation failed is not tried again)
+                        prepared[cell] = prepare(args, cell, work)
+                    if prepared[cell] is not None:
+                        train_config(args, cell, name, *prepared[cell], work, histories)
+                except RunFailed as e:
+                    print(f"[{cell}] {name}: {e}", file=sys.stderr, flush=True)
+                    failed.append(f"{cell} {name}")
+        if failed:
+            print(f"failed, left out of the tables below: {', '.join(failed)} (logs in {args.out / 'work'})",
+                  file=sys.stderr, flush=True)
     report(args)
+    if not args.report and failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
