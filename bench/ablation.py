@@ -3,6 +3,7 @@
     python bench/ablation.py --photos PHOTOS --seeds 3               # PHOTOS: <class>/<image> folders
     python bench/ablation.py --photos PHOTOS --cells tune:0 tune:1 report:2 report:3 report:4   # our evidence
     python bench/ablation.py --report --out DIR                      # tables again from what DIR holds
+    python bench/ablation.py --report --out bench/histories/vgg13_bn-64                     # our histories
 
 Per cell (a seed, and the classes it draws): split PHOTOS into train / val / test (symlinks), run
 make_remove_background.py and make_cutmix.py on train, then train every configuration with
@@ -245,7 +246,7 @@ def kept_bits(name, rows, budget_epochs=None):
 
 
 def report(args):
-    histories = args.out / "histories"
+    histories = args.out / "histories" if (args.out / "histories").is_dir() else args.out  # (or a folder of them)
     recorded = args.out / "settings.json"  # the budget the histories were recorded with
     if recorded.is_file():
         settings = json.loads(recorded.read_text())
