@@ -203,7 +203,9 @@ def train_config(args, cell, name, data, counts, work, histories):
              "--img-size", args.img_size, "--epochs", epochs, "--no-early-stop", *flags, *extra], work / f"{name}.log")
         stage = out / "1e-4"
     shutil.copyfile(stage / "metrics.csv", target)
-    shutil.copyfile(stage / "watch.csv", target.with_suffix(".watch.csv"))
+    for part in ("watch", "val_losses", "train_losses"):  # per photo: test correctness, val and train losses
+        if (stage / f"{part}.csv").is_file():
+            shutil.copyfile(stage / f"{part}.csv", target.with_suffix(f".{part}.csv"))
     for p in (work if name == "e" else out).rglob("*.pth"):  # GBs; d's last epoch waits for e
         if name != "d" or p != out / "1e-4" / "last.pth":
             p.unlink()
@@ -253,7 +255,7 @@ def report(args):
         args.epochs, args.stage2_epochs = settings.get("epochs", args.epochs), settings.get("stage2_epochs", 20)
     runs = {}
     for path in sorted(histories.glob("*.csv")):
-        if path.name.endswith(".watch.csv"):
+        if path.name.endswith((".watch.csv", "_losses.csv")):
             continue
         cell, name = path.stem.rsplit("_", 1)
         runs.setdefault(name, {})[cell] = read_history(path)

@@ -173,7 +173,7 @@ def main():
     args = p.parse_args()
     device, amp = runtime.setup("auto", seed=0)
     samples, classes = scan_labelled(args.images)
-    x, y, _ = load_images(samples, args.img_size, Problems())
+    x, y, *_ = load_images(samples, args.img_size, Problems())
     x, y = x.to(device), y.to(device)
     print(runtime.describe(device, amp), f"; {len(y)} images at {args.img_size} px, {args.arch}")
     loop = loop_for(args, device, amp, len(classes))

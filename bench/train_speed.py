@@ -59,7 +59,7 @@ def sync(device):
 
 def bench_ours(args, device, amp, num_classes):
     samples, _ = scan_labelled(args.images)
-    x, y, _ = load_images(samples, args.img_size, Problems())
+    x, y, *_ = load_images(samples, args.img_size, Problems())
     reps = -(-args.steps * args.batch_size // len(y))  # tile the set so one epoch has enough steps
     x = x.repeat(reps, 1, 1, 1)[: args.steps * args.batch_size].to(device)
     y = y.repeat(reps)[: args.steps * args.batch_size].to(device)

@@ -31,16 +31,19 @@ def load_images(samples, img_size, problems, desc="decode", cache_at=None, mmap=
     """Decode (path, label) samples into (uint8 N,3,S,S images, int64 labels); bad files go to `problems`.
     With `cache_at` (a cache.Location: the labelled folder the samples come from and the cache folder),
     the decoded array is read from, or written to, the decode cache; with `mmap` as well, the images are
-    the cache's memory-mapped numpy array rather than a tensor in RAM. Returns the images, the labels
-    and how they were had: "from cache", "decoded and cached" or "decoded"."""
+    the cache's memory-mapped numpy array rather than a tensor in RAM. Returns the images, the labels,
+    how they were had ("from cache", "decoded and cached" or "decoded") and the paths of the images kept,
+    in order."""
     hit = cache.load(cache_at, samples, img_size, mmap) if cache_at is not None else None
     if hit is not None:
         array, bad = hit
         for text in bad.values():
             problems.skip(text)
-        labels = [label for path, label in samples if not bad or cache.relative(cache_at.folder, path) not in bad]
-        return array if mmap else torch.from_numpy(array), torch.tensor(labels, dtype=torch.long), "from cache"
-    images, labels, bad = [], [], {}
+        kept = [(path, label) for path, label in samples
+                if not bad or cache.relative(cache_at.folder, path) not in bad]
+        return (array if mmap else torch.from_numpy(array), torch.tensor([label for _, label in kept], dtype=torch.long),
+                "from cache", [path for path, _ in kept])
+    images, kept, bad = [], [], {}
     for (path, label), out in decode_many(samples, lambda s: decode_one(s[0], img_size), desc):
         if isinstance(out, BadImage):
             problems.skip(out)
@@ -48,13 +51,14 @@ def load_images(samples, img_size, problems, desc="decode", cache_at=None, mmap=
                 bad[cache.relative(cache_at.folder, path)] = str(out)
             continue
         images.append(out)
-        labels.append(label)
+        kept.append((path, label))
     x = torch.stack(images) if images else torch.empty(0, 3, img_size, img_size, dtype=torch.uint8)
+    labels, paths = torch.tensor([label for _, label in kept], dtype=torch.long), [path for path, _ in kept]
     if cache_at is None:
-        return x, torch.tensor(labels, dtype=torch.long), "decoded"
+        return x, labels, "decoded", paths
     cache.store(cache_at, samples, img_size, x.numpy(), bad)
     stored = cache.load(cache_at, samples, img_size, mmap=True) if mmap else None
-    return x if stored is None else stored[0], torch.tensor(labels, dtype=torch.long), "decoded and cached"
+    return x if stored is None else stored[0], labels, "decoded and cached", paths
 
 
 def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
@@ -63,7 +67,8 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
     `cache_dir`, unless None), and place them for `device` (see placement).
 
     Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
-    where the images are and why, and (images, labels) for "orig" (the training originals), "train"
+    where the images are and why, the paths of the photos of each measured set in order ("names": orig,
+    val, watch), and (images, labels) for "orig" (the training originals), "train"
     (originals + br + ocm), "val" and, with `watch`, "watch". Labels are on `device`; images are a
     uint8 tensor there, or host arrays that device_batches streams from.
     """
@@ -114,8 +119,10 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
 
     train = place(list(sources))  # the originals first: "orig" is a view of it, not a second copy
     n_orig = len(decoded["train"][1])
+    names = {"orig" if k == "train" else k: [cache.relative(folders[k], p) for p in decoded[k][3]]
+             for k in ("train", *held_out)}  # each measured set's photos, in order (val_losses.csv's columns)
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},
-            "how": {k: v[2] for k, v in decoded.items()}, "where": where,
+            "how": {k: v[2] for k, v in decoded.items()}, "where": where, "names": names,
             "orig": (train[0][:n_orig], train[1][:n_orig]), **{k: place([k]) for k in held_out}, "train": train}
 
 

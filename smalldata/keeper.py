@@ -65,6 +65,11 @@ def device_room(model):
     return 12 * size < 0.25 * torch.cuda.mem_get_info(first.device)[0]
 
 
+def summary(row):
+    """An epoch's metrics as its checkpoint carries them: the summary numbers, not the per-photo lists."""
+    return {k: v for k, v in row.items() if not k.endswith(("_losses", "_correct"))}
+
+
 class Keeper:
     """`writes=False` (torchrun workers other than rank 0): the same bookkeeping of which epochs are
     kept, so that every worker takes the same decisions, but no weights held and no files written."""
@@ -90,7 +95,7 @@ class Keeper:
         the host by the writer thread."""
         if self.on_device is None:
             self.on_device = device_room(model)
-        self.kept[row["epoch"]] = (checkpoint.model_state(model, self.on_device) if self.writes else None, dict(row))
+        self.kept[row["epoch"]] = (checkpoint.model_state(model, self.on_device) if self.writes else None, summary(row))
         for epoch in [e for e in self.kept if e not in needed | {row["epoch"]}]:
             del self.kept[epoch]
         if self.keep_all and self.writes:
@@ -142,7 +147,7 @@ class Keeper:
         for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() and self.writes else []:
             if int(path.stem.split("_")[1]) > ckpt["epoch"]:
                 path.unlink()
-        rows = {r["epoch"]: r for r in ckpt["history"]}
+        rows = {r["epoch"]: summary(r) for r in ckpt["history"]}
         for epoch in ckpt.get("kept_epochs", []):
             if not self.writes:
                 self.kept[epoch] = (None, rows.get(epoch, {}))

@@ -17,14 +17,15 @@ from .data import AUGMENTATIONS, DEVICE_SHARE, Augment, load_training_data
 from .folders import refuse_overlap
 from .keeper import Keeper
 from .model import build_model, check_input, count_parameters, imagenet_available
-from .train import (average_spec, swa_start, make_loop, measure, metric_columns, restore_training_state, train_epoch,
+from .train import (average_spec, make_loop, measure, metric_columns, restore_training_state, train_epoch,
                     training_state)
 
 # Settings that define a run: a rerun with other values must not silently continue the old one. The
 # rule is not among them: it only reads the history, so a resumed run may be decided by other flags.
 RUN_DEFINING = ("data", "arch", "lr", "batch_size", "img_size", "weights", "init", "init_id", "seed", "no_br",
                 "no_ocm", "weight_decay", "deterministic", "no_precise_bn", "augment", "measure_averages")
-STAGE_FILES = ("last.pth", "best.pth", "swa.pth", "metrics.csv", "watch.csv", "curves.png", "divergence.json", "args.json")
+STAGE_FILES = ("last.pth", "best.pth", "swa.pth", "metrics.csv", "watch.csv", "val_losses.csv", "train_losses.csv",
+               "curves.png", "divergence.json", "args.json")
 
 
 def add_training_args(p, lr, epochs):
@@ -341,6 +342,12 @@ class StageRun:
             bits = ["watch_correct"] + [f"{a}_watch_correct" for a in self.loop.averages]
             writer.submit("watch", files.write_csv, self.dir / "watch.csv", ["epoch"] + bits,
                           [[r["epoch"]] + [r.get(c, "") for c in bits] for r in rows])
+        for split in ("val", "train"):  # each photo's loss every epoch: changes between epochs judged paired
+            names = self.data["names"]["orig" if split == "train" else split]
+            writer.submit(f"{split}_losses", files.write_csv, self.dir / f"{split}_losses.csv",
+                          ["epoch", "correct", *names],
+                          [[r["epoch"], r[f"{split}_correct"], *r[f"{split}_losses"]] for r in rows
+                           if f"{split}_losses" in r])
         writer.submit("curves", plots.elsewhere, plots.training_curves, rows, self.dir / "curves.png", self.title,
                       dict(self.state.get("marks", {})), getattr(self.cfg.rule, "window", 5))
 
@@ -375,7 +382,7 @@ def train_epochs(run, eval_first=False):
         t0 = time.perf_counter()
         aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{cfg.epochs}")  # train
         for average in loop.averages.values():
-            average.after_epoch(loop.model, epoch, cfg.epochs)
+            average.after_epoch(loop.model, epoch)
         row = measure(loop, data, epoch, time.perf_counter() - t0, aug)  # measure
         run.history.append(row)
         decision = cfg.rule.observe(run.history, set(run.keeper.kept) | {epoch})  # observe
@@ -463,7 +470,8 @@ def end_stage1(run, decision, out, stage_dir):
     history, cfg = run.history, run.cfg
     chosen = decision.chosen
     best = rules.steady_best(history, 2, set(run.keeper.kept))
-    swa, first = isinstance(cfg.rule, rules.WeightAverage), swa_start(cfg.epochs)
+    swa = isinstance(cfg.rule, rules.WeightAverage)
+    first = run.loop.averages["swa"].averaged_epochs()[0] if swa else None
     would = None if isinstance(cfg.rule, rules.Divergence) else cfg.divergence.observe(history)
     marks = {**({would.chosen: "divergence rule would keep"} if would and would.evidence["fired"] else {}),
              **({best: "best.pth"} if best != chosen else {}), **({first: "SWA from"} if swa else {}),

@@ -7,6 +7,7 @@ import copy
 import math
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -243,12 +244,13 @@ def evaluate(loop, x_all, y_all, model=None, per_image=False):
     cross-entropy over the images and its standard error that of a mean (sd / sqrt(n) of the per-image
     losses), so a decision can tell a change from noise. Loss and argmax are in float32. Under torchrun
     each worker measures its share and the sums are added up: every worker gets the same numbers,
-    so every worker takes the same decisions. With `per_image`, a fourth value: "0"/"1" per image, in
-    order, for whether it was classified correctly."""
+    so every worker takes the same decisions. With `per_image`, a fourth value: each image's loss and
+    whether it was classified correctly, in order (PerImage): the same photos are measured every epoch,
+    so a change between two epochs can be judged photo by photo (paired)."""
     model = model or loop.model
     model.eval()
     sums = torch.zeros(3, device=loop.device, dtype=torch.float64)  # loss, loss squared, correct
-    right = torch.zeros(len(y_all), device=loop.device, dtype=torch.float64) if per_image else None
+    each = torch.zeros(2, len(y_all), device=loop.device, dtype=torch.float64) if per_image else None
     for idx, x in _batches(loop, x_all, shard=True):
         y = y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
@@ -257,14 +259,22 @@ def evaluate(loop, x_all, y_all, model=None, per_image=False):
         hits = (logits.argmax(1) == y).double()
         sums += torch.stack([losses.sum(), (losses * losses).sum(), hits.sum()])
         if per_image:
-            right[idx] = hits
+            each[0, idx], each[1, idx] = losses, hits
     loss_sum, square_sum, correct = runtime.all_sum_tensor(sums).tolist()
     n = len(y_all)
     mean = loss_sum / n
     se = math.sqrt(max(square_sum / n - mean * mean, 0.0) / (n - 1)) if n > 1 else math.nan
     if per_image:
-        return mean, se, 100.0 * correct / n, "".join("1" if v else "0" for v in runtime.all_sum_tensor(right).tolist())
+        losses, hits = runtime.all_sum_tensor(each).tolist()  # (the one copy to the host of the set)
+        return mean, se, 100.0 * correct / n, PerImage([round(v, 5) for v in losses],
+                                                       "".join("1" if v else "0" for v in hits))
     return mean, se, 100.0 * correct / n
+
+
+@dataclass(frozen=True)
+class PerImage:
+    losses: list  # cross-entropy of each image, in the set's order
+    correct: str  # "1" where the image was classified correctly, "0" where not
 
 
 def measure(loop, data, epoch, seconds, aug):
@@ -273,17 +283,20 @@ def measure(loop, data, epoch, seconds, aug):
     carries statistics of its own weights. Weight averages (--measure-averages) are measured alike."""
     if loop.precise_bn:
         precise_bn(loop, data["orig"][0])
-    train_loss, train_loss_se, train_acc = evaluate(loop, *data["orig"])
-    val_loss, val_loss_se, val_acc = evaluate(loop, *data["val"])
+    train_loss, train_loss_se, train_acc, train_each = evaluate(loop, *data["orig"], per_image=True)
+    val_loss, val_loss_se, val_acc, val_each = evaluate(loop, *data["val"], per_image=True)
     row = {"epoch": epoch, "lr": loop.optimizer.param_groups[0]["lr"], "train_loss": round(train_loss, 5),
            "train_acc": round(train_acc, 3), "val_loss": round(val_loss, 5), "val_acc": round(val_acc, 3),
            "gap": round(train_acc - val_acc, 3), "train_n": len(data["orig"][1]), "val_n": len(data["val"][1]),
            "seconds": round(seconds, 3), "aug_loss": round(aug[0], 5), "aug_acc": round(aug[1], 3),
            "images_per_s": round(aug[2], 1), "train_loss_se": round(train_loss_se, 5),
-           "val_loss_se": round(val_loss_se, 5)}
-    if "watch" in data:  # analysis only: no decision reads it; per photo for paired comparisons (watch.csv)
-        _, _, acc, row["watch_correct"] = evaluate(loop, *data["watch"], per_image=True)
-        row["watch_acc"] = round(acc, 3)
+           "val_loss_se": round(val_loss_se, 5),
+           # per photo, for paired comparisons between epochs (val_losses.csv, train_losses.csv, watch.csv)
+           "train_losses": train_each.losses, "train_correct": train_each.correct,
+           "val_losses": val_each.losses, "val_correct": val_each.correct}
+    if "watch" in data:  # analysis only: no decision reads it
+        _, _, acc, watch_each = evaluate(loop, *data["watch"], per_image=True)
+        row["watch_correct"], row["watch_acc"] = watch_each.correct, round(acc, 3)
     for name, average in loop.averages.items():
         if epoch > 0 and average.updates:
             row.update(measure_average(loop, data, name, average.model))
@@ -297,27 +310,34 @@ def measure_average(loop, data, name, model):
     loss, se, acc = evaluate(loop, *data["val"], model=model)
     out = {f"{name}_val_acc": round(acc, 3), f"{name}_val_loss": round(loss, 5), f"{name}_val_loss_se": round(se, 5)}
     if "watch" in data:
-        _, _, acc, out[f"{name}_watch_correct"] = evaluate(loop, *data["watch"], model=model, per_image=True)
-        out[f"{name}_watch_acc"] = round(acc, 3)
+        _, _, acc, each = evaluate(loop, *data["watch"], model=model, per_image=True)
+        out[f"{name}_watch_correct"], out[f"{name}_watch_acc"] = each.correct, round(acc, 3)
     return out
 
 
 class WeightAverage:
     """An average of the trained weights, kept beside them: `emaT` an exponential moving average updated
     after every step with a time constant of T epochs (decay 1 - 1/(T x steps per epoch), warmed up as
-    timm's ModelEmaV3 does: decay min(decay, (1 + n) / (10 + n)) at update n); `swa` the plain mean of
-    the epoch-end weights over the last quarter of the epochs (SWA). BatchNorm buffers are copied from
-    the trained model and then recomputed by precise BN before the average is measured."""
+    timm's ModelEmaV3 does: decay min(decay, (1 + n) / (10 + n)) at update n); `swaW` (`swa`: W = 5) the
+    plain mean of the weights at the end of the last W epochs (SWA over a trailing window, so it is
+    defined wherever the stage ends). BatchNorm buffers are copied from the trained model and then
+    recomputed by precise BN before the average is measured."""
 
     def __init__(self, model, spec):
         self.spec, self.updates = spec, 0
-        self.kind, self.epochs = ("swa", 0.0) if spec == "swa" else ("ema", float(spec[3:]))
+        if spec.startswith("swa"):
+            self.kind, self.epochs = "swa", int(spec[3:] or SWA_EPOCHS)
+        else:
+            self.kind, self.epochs = "ema", float(spec[3:])
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.window = deque()  # swa: (epoch, float tensors) of the epochs averaged
+
+    def tensors(self, model):
+        return list(model.parameters()) + list(model.buffers())
 
     @torch.no_grad()
     def blend(self, model, weight):
-        mine = list(self.model.parameters()) + list(self.model.buffers())
-        theirs = [t.detach() for t in list(model.parameters()) + list(model.buffers())]
+        mine, theirs = self.tensors(self.model), [t.detach() for t in self.tensors(model)]
         floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
         torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], weight)
         for a, b in zip(mine, theirs):
@@ -330,21 +350,37 @@ class WeightAverage:
             decay = min(1 - 1 / (self.epochs * steps_per_epoch), (1 + self.updates) / (10 + self.updates))
             self.blend(model, 1 - decay)
 
-    def after_epoch(self, model, epoch, last_epoch):
-        if self.kind == "swa" and epoch >= swa_start(last_epoch):
-            self.blend(model, 1 / (self.updates + 1))
+    @torch.no_grad()
+    def after_epoch(self, model, epoch):
+        if self.kind != "swa":
+            return
+        self.window.append((epoch, [t.detach().clone() for t in self.tensors(model)]))
+        while len(self.window) > self.epochs:
+            self.window.popleft()
+        for i, mine in enumerate(self.tensors(self.model)):  # the plain mean, summed in epoch order
+            parts = [tensors[i] for _, tensors in self.window]
+            if mine.is_floating_point():
+                mine.copy_(torch.stack(parts).sum(0) / len(parts))
+            else:
+                mine.copy_(parts[-1])
+        self.updates = len(self.window)
+
+    def averaged_epochs(self):
+        """swa: the first and last epoch of the mean."""
+        return (self.window[0][0], self.window[-1][0]) if self.window else None
 
     def state_dict(self):
-        return {"model": checkpoint.snapshot(self.model.state_dict()), "updates": self.updates}
+        return {"model": checkpoint.snapshot(self.model.state_dict()), "updates": self.updates,
+                "window": [(e, checkpoint.snapshot(t)) for e, t in self.window]}
 
     def load_state_dict(self, state):
         self.model.load_state_dict(state["model"])
         self.updates = state["updates"]
+        device = next(self.model.parameters()).device
+        self.window = deque((e, [t.to(device) for t in ts]) for e, ts in state.get("window", []))
 
 
-def swa_start(epochs):
-    """The first epoch whose weights SWA averages: the last quarter of `epochs`."""
-    return math.floor(0.75 * epochs) + 1
+SWA_EPOCHS = 5  # epochs in SWA's trailing window
 
 
 def average_spec(text):
@@ -352,11 +388,13 @@ def average_spec(text):
     import argparse
 
     try:
-        ok = text == "swa" or (text.startswith("ema") and float(text[3:]) > 0)
+        ok = (text.startswith("swa") and (text == "swa" or int(text[3:]) > 0)) or \
+            (text.startswith("ema") and float(text[3:]) > 0)
     except ValueError:
         ok = False
     if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r}: give emaT (T = time constant in epochs, e.g. ema4) or swa")
+        raise argparse.ArgumentTypeError(f"{text!r}: give emaT (T = time constant in epochs, e.g. ema4) or swaW "
+                                         f"(the mean of the last W epochs; swa: {SWA_EPOCHS})")
     return text
 
 

@@ -80,8 +80,9 @@ def test_the_loss_comes_with_the_standard_error_of_a_mean():
         per_image = F.cross_entropy(loop.model(loop.norm(x)), y, reduction="none").double().numpy()
     assert math.isclose(loss, per_image.mean(), rel_tol=1e-5)
     assert math.isclose(se, per_image.std(ddof=1) / math.sqrt(len(per_image)), rel_tol=1e-4)
-    _, _, _, right = evaluate(loop, x, y, per_image=True)
-    assert len(right) == 30 and 100 * right.count("1") / 30 == acc
+    _, _, _, each = evaluate(loop, x, y, per_image=True)
+    assert len(each.correct) == 30 and 100 * each.correct.count("1") / 30 == acc
+    np.testing.assert_allclose(each.losses, per_image, rtol=1e-4, atol=1e-5)  # each photo's own loss, in order
 
 
 def test_augment_none_trains_on_the_photos_as_they_are_and_the_others_change_them():
@@ -92,17 +93,17 @@ def test_augment_none_trains_on_the_photos_as_they_are_and_the_others_change_the
         assert not torch.equal(Augment(**AUGMENTATIONS[name])(x, g), x.float())
 
 
-def test_swa_is_the_mean_of_the_last_quarters_epoch_weights_and_ema_follows_each_step():
+def test_swa_is_the_mean_of_the_last_epochs_weights_and_ema_follows_each_step():
     loop = tiny_loop()
     x, y = tiny_data(n=12)
-    swa, ema = WeightAverage(loop.model, "swa"), WeightAverage(loop.model, "ema1")
+    swa, ema = WeightAverage(loop.model, "swa3"), WeightAverage(loop.model, "ema1")
     snapshots = []
     for epoch in range(1, 9):
         train_epoch(loop, x, y)
         ema.after_step(loop.model, steps_per_epoch=3)
-        swa.after_epoch(loop.model, epoch, last_epoch=8)
+        swa.after_epoch(loop.model, epoch)
         snapshots.append([p.detach().clone() for p in loop.model.parameters()])
-    assert swa.updates == 2  # epochs 7 and 8: the last quarter of 8
-    for avg, a, b in zip(swa.model.parameters(), snapshots[-2], snapshots[-1]):
-        torch.testing.assert_close(avg, (a + b) / 2)
+    assert swa.updates == 3 and swa.averaged_epochs() == (6, 8)  # a trailing window: the last 3 epochs
+    for avg, a, b, c in zip(swa.model.parameters(), *snapshots[-3:]):
+        torch.testing.assert_close(avg, (a + b + c) / 3)
     assert ema.updates == 8 and not all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), snapshots[-1]))
