@@ -2,28 +2,28 @@
 with a fresh Adam, keeping the train/validation gap closed; the last epoch becomes checkpoints/final.pth.
 
     python model_1e-7_ep20.py --data data --out checkpoints
-    python model_1e-7_ep20.py --init checkpoints/1e-4/epochs/epoch_012.pth   # an epoch you picked
+    python model_1e-7_ep20.py --init checkpoints/swa.pth                          # another of stage 1's
+    python model_1e-7_ep20.py --init checkpoints/stage1/epochs/epoch_012.pth      # an epoch you picked
     python model_1e-7_ep20.py --keep best      # keep the steady best-val epoch instead of the last
 
 A fresh Adam, because the checkpoint carries weights only and Adam's moment estimates from the
 1e-4 run would be stale at a learning rate 1000 times smaller. Architecture, classes, image size
-and normalisation come from the --init checkpoint. Writes checkpoints/1e-7/{metrics.csv,
-curves.png, args.json, last.pth} and checkpoints/final.pth; rerunning continues or skips.
+and normalisation come from the --init checkpoint. Writes checkpoints/stage2/{metrics.csv,
+curves.png, final.json, args.json, last.pth} and checkpoints/final.pth; rerunning continues or skips.
 """
-from smalldata import cli, stages
+from smalldata import cli, rule as rules, settings, stage
 
 
 def main(argv=None):
-    return stages.stage2(build_parser().parse_args(argv))
+    return stage.run_stage(settings.stage2_spec(build_parser().parse_args(argv)))
 
 
 def build_parser():
     p = cli.parser(__doc__)
-    stages.add_training_args(p, lr=1e-7, epochs=20)
-    p.add_argument("--init", type=cli.existing_file, help="checkpoint to start from (default: <--out>/divergence.pth)")
-    p.add_argument("--keep", choices=["last", "best"], default="last",
-                   help="which epoch becomes final.pth: the last (the recipe's 20th), or the steady best-val "
-                        "epoch (chosen on val, so val flatters it)")
+    groups = settings.add_training_args(p, lr=1e-7, epochs=20)
+    groups["model"].add_argument("--init", type=cli.existing_file,
+                                 help="checkpoint to start from (default: <--out>/divergence.pth)")
+    rules.add_keep_arg(groups["rule"])
     return p
 
 

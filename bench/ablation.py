@@ -7,7 +7,7 @@
 
 Per cell (a seed, and the classes it draws): split PHOTOS into train / val / test (symlinks), run
 make_remove_background.py and make_cutmix.py on train, then train every configuration with
-model_1e-4.py for its whole budget (--no-early-stop) with --watch on the test split, so that every
+model_1e-4.py for its whole budget (--rule last: no rule stops it) with --watch on the test split, so that every
 epoch's test accuracy, photo by photo, is in the run's watch.csv. Which epoch a configuration keeps
 is then replayed from its history with the project's default choice (smalldata.rule), never read from
 the test split. Configurations:
@@ -88,8 +88,9 @@ def get_args():
     p.add_argument("--batch-size", type=int, default=32 if gpu else 16)
     p.add_argument("--ocm-per-photo", type=float, default=2.0, help="OCM images per original training photo")
     p.add_argument("--weights", default="none", help="none (scratch) or imagenet, for model_1e-4.py")
-    p.add_argument("--averages", nargs="*", default=["ema1", "ema4", "swa"],
-                   help="weight averages measured in d's runs (model_1e-4.py --measure-averages)")
+    p.add_argument("--candidates", action="store_true",
+                   help="score d's weight averages (swa, ema) every epoch too (model_1e-4.py --candidates-each-epoch); "
+                        "without it, none are kept (they do not change the training)")
     p.add_argument("--report", action="store_true", help="only print the tables from <out>/histories")
     args = p.parse_args()
     args.cells = args.cells or [f"all:{s}" for s in range(args.seeds)]
@@ -190,24 +191,24 @@ def train_config(args, cell, name, data, counts, work, histories):
         return
     if name == "e":
         d = work / "d"
-        if not (d / "1e-4" / "last.pth").is_file():
+        if not (d / "stage1" / "last.pth").is_file():
             print("  (skipped: d's last epoch is needed first)", flush=True)
             return
-        run([REPO / "model_1e-7_ep20.py", *common, "--out", d, "--init", d / "1e-4" / "last.pth",
+        run([REPO / "model_1e-7_ep20.py", *common, "--out", d, "--init", d / "stage1" / "last.pth",
              "--epochs", args.stage2_epochs], work / f"{name}.log")
-        stage = d / "1e-7"
+        stage = d / "stage2"
     else:
         epochs = math.ceil(steps / steps_per_epoch(flags, counts, args.batch_size))
-        extra = ["--measure-averages", *args.averages] if name == "d" and args.averages else []
+        extra = ["--candidates-each-epoch"] if name == "d" and args.candidates else ["--swa-epochs", 0, "--ema-epochs", 0]
         run([REPO / "model_1e-4.py", *common, "--out", out, "--arch", args.arch, "--weights", args.weights,
-             "--img-size", args.img_size, "--epochs", epochs, "--no-early-stop", *flags, *extra], work / f"{name}.log")
-        stage = out / "1e-4"
+             "--img-size", args.img_size, "--epochs", epochs, "--rule", "last", *flags, *extra], work / f"{name}.log")
+        stage = out / "stage1"
     shutil.copyfile(stage / "metrics.csv", target)
     for part in ("watch", "val_losses", "train_losses"):  # per photo: test correctness, val and train losses
         if (stage / f"{part}.csv").is_file():
             shutil.copyfile(stage / f"{part}.csv", target.with_suffix(f".{part}.csv"))
     for p in (work if name == "e" else out).rglob("*.pth"):  # GBs; d's last epoch waits for e
-        if name != "d" or p != out / "1e-4" / "last.pth":
+        if name != "d" or p != out / "stage1" / "last.pth":
             p.unlink()
     print(f"    {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -215,18 +216,31 @@ def train_config(args, cell, name, data, counts, work, histories):
 # ---------------------------------------------------------------- the report
 
 def read_history(path):
-    """(metric rows, {epoch: {column: correctness string}}) of a recorded run."""
+    """The metric rows of a recorded run (a history <cell>_<config>.csv, or a stage's metrics.csv), with what
+    was recorded beside it: which test photos each epoch got right (watch) and each photo's val and train
+    loss (<history>.val_losses.csv, or val_losses.csv beside a metrics.csv)."""
+    path = Path(path)
     with open(path, newline="") as f:
         rows = [{k: (v if k.endswith("_correct") else float(v)) for k, v in r.items() if v != ""}
                 for r in csv.DictReader(f)]
     for r in rows:
         r["epoch"] = int(r["epoch"])
-    watch = path.with_suffix(".watch.csv")
-    if watch.exists():
-        with open(watch, newline="") as f:
-            bits = {int(r["epoch"]): r for r in csv.DictReader(f)}
-        for r in rows:
-            r.update({k: v for k, v in bits.get(r["epoch"], {}).items() if k != "epoch" and v})
+    by_epoch = {r["epoch"]: r for r in rows}
+    for part in ("watch", "val_losses", "train_losses"):
+        beside = path.with_name(f"{part}.csv") if path.name == "metrics.csv" else path.with_suffix(f".{part}.csv")
+        if not beside.exists():
+            continue
+        with open(beside, newline="") as f:
+            table = list(csv.reader(f))
+        for line in table[1:]:
+            row = by_epoch.get(int(line[0]))
+            if row is None:
+                continue
+            if part == "watch":
+                row.update({k: v for k, v in zip(table[0][1:], line[1:]) if v})
+            else:  # epoch, correct, one loss per photo
+                split = part.split("_")[0]
+                row[f"{split}_correct"], row[f"{split}_losses"] = line[1], [float(v) for v in line[2:]]
     return rows
 
 
@@ -241,10 +255,7 @@ def kept_bits(name, rows, budget_epochs=None):
     if name == "e":
         return rows[-1]["watch_correct"]
     decision = rules.default_rule().observe([r for r in rows if r["epoch"] > 0])
-    row = next(r for r in rows if r["epoch"] == decision.chosen)
-    if decision.evidence.get("weights") == "swa":  # the SWA mean, where this history's budget held one
-        return row.get("swa_watch_correct") or row["watch_correct"]  # (a run cut short of its window: last epoch)
-    return row["watch_correct"]
+    return next(r for r in rows if r["epoch"] == decision.chosen)["watch_correct"]
 
 
 def report(args):

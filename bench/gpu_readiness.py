@@ -27,6 +27,8 @@ from smalldata.cli import Problems  # noqa: E402
 from smalldata.data import load_images  # noqa: E402
 from smalldata.folders import scan_labelled  # noqa: E402
 from smalldata.keeper import Keeper  # noqa: E402
+from smalldata.layout import RunPaths  # noqa: E402
+from smalldata.settings import Optimiser  # noqa: E402
 from smalldata.train import make_loop, measure, restore_training_state, train_epoch, training_state  # noqa: E402
 
 FIGURES = {}  # what --json writes: the numbers bench/gpu_check.sh puts in its table
@@ -34,8 +36,8 @@ FIGURES = {}  # what --json writes: the numbers bench/gpu_check.sh puts in its t
 
 def loop_for(args, device, amp, classes, seed=0, compile=False):
     model = torchvision.models.get_model(args.arch, num_classes=classes)
-    return make_loop(model, lr=1e-4, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, batch_size=args.batch_size, seed=seed, compile=compile)
+    return make_loop(model, Optimiser(lr=1e-4, batch_size=args.batch_size, seed=seed), device, amp, IMAGENET_MEAN,
+                     IMAGENET_STD, compile=compile)
 
 
 def syncs_per_step(loop, x, y):
@@ -66,7 +68,7 @@ def everything_per_epoch(args, loop, x, y, classes):
     with tempfile.TemporaryDirectory() as tmp:
         meta = dict(arch=args.arch, classes=[str(i) for i in range(classes)], img_size=args.img_size,
                     mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
-        keeper = Keeper(tmp, meta)
+        keeper = Keeper(RunPaths(Path(tmp), "stage1", Path(tmp)), meta)
         rates = []
         for epoch in range(1, args.epochs + 1):
             t0 = time.perf_counter()
@@ -105,7 +107,7 @@ def with_and_without_keeper(args, loop, x, y, classes):
         with tempfile.TemporaryDirectory() as tmp:
             meta = dict(arch=args.arch, classes=[str(i) for i in range(classes)], img_size=args.img_size,
                         mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
-            keeper = Keeper(tmp, meta)
+            keeper = Keeper(RunPaths(Path(tmp), "stage1", Path(tmp)), meta)
             rate = epochs(keeper, every_epoch)
             keeper.close()
         return rate

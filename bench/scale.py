@@ -97,6 +97,7 @@ def child(root, mode, args):
     from smalldata import IMAGENET_MEAN, IMAGENET_STD
     from smalldata.cli import Problems
     from smalldata.data import load_training_data
+    from smalldata.settings import Optimiser
     from smalldata.train import make_loop, train_epoch
 
     torch.manual_seed(0)
@@ -112,8 +113,7 @@ def child(root, mode, args):
                           "peak_rss_mb": hwm / 1024, "peak_anon_mb": anon() / 1024}), flush=True)
         return
     model = torchvision.models.get_model(args.arch, num_classes=len(data["classes"]))
-    loop = make_loop(model, lr=1e-4, weight_decay=0.0, device=cpu, amp=None, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     batch_size=args.batch_size, seed=0)
+    loop = make_loop(model, Optimiser(lr=1e-4, batch_size=args.batch_size), cpu, None, IMAGENET_MEAN, IMAGENET_STD)
     train_epoch(loop, *data["train"], desc="warm-up", steps=3)
     ips = train_epoch(loop, *data["train"], desc=mode, steps=args.steps)[2]
     with open("/proc/self/status") as f:

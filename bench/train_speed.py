@@ -28,6 +28,7 @@ from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
 from smalldata.cli import Problems  # noqa: E402
 from smalldata.data import load_images  # noqa: E402
 from smalldata.folders import scan_labelled  # noqa: E402
+from smalldata.settings import Optimiser  # noqa: E402
 from smalldata.train import make_loop, train_epoch  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
@@ -64,8 +65,8 @@ def bench_ours(args, device, amp, num_classes):
     x = x.repeat(reps, 1, 1, 1)[: args.steps * args.batch_size].to(device)
     y = y.repeat(reps)[: args.steps * args.batch_size].to(device)
     model = torchvision.models.get_model(args.arch, num_classes=num_classes)
-    loop = make_loop(model, lr=1e-4, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                     batch_size=args.batch_size, seed=0, compile=args.compile)
+    loop = make_loop(model, Optimiser(lr=1e-4, batch_size=args.batch_size), device, amp, IMAGENET_MEAN, IMAGENET_STD,
+                     compile=args.compile)
     warm = args.warmup * args.batch_size
     train_epoch(loop, x[:warm], y[:warm], "warm-up")
     sync(device)

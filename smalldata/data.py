@@ -1,12 +1,11 @@
-"""Image sets for training, and augmentation on the training device.
+"""Image sets for training, placed where training reads them.
 
 Each photo is decoded once, squeezed to img_size x img_size and kept as uint8 (900 photos at
 256 px are 177 MB), in the decode cache (cache.py). A set that fits (the usual small
-data) lives whole on the training device: batches are cut there and augmented there with one
-affine grid_sample per batch, so the GPU never waits on a DataLoader. A larger one is streamed
-from the memory-mapped cache, a few batches ahead (placement, device_batches).
+data) lives whole on the training device: batches are cut there and augmented there (augment.py),
+so the GPU never waits on a DataLoader. A larger one is streamed from the memory-mapped cache, a few
+batches ahead (placement, device_batches).
 """
-import math
 import os
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import cache
 from .cli import UsageError
@@ -246,70 +244,6 @@ class Normalize:
     def __call__(self, batch):
         x = (batch.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
-
-
-class Augment:
-    """Random resized crop, horizontal flip, small rotation and colour jitter, for a whole batch.
-
-    Our choice of augmentations (the source write-up does not list its own); the presets are
-    AUGMENTATIONS below. Random numbers come from a CPU generator, so a seeded run is the same on any
-    device. With nothing to do (the "none" preset) the batch passes through untouched.
-    """
-
-    def __init__(self, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3), degrees=15.0, jitter=0.2, flip=0.5):
-        self.scale, self.ratio, self.degrees, self.jitter, self.flip = scale, ratio, degrees, jitter, flip
-        self.identity = scale == (1.0, 1.0) and degrees == 0 and jitter == 0 and flip == 0
-
-    def draw(self, n, generator):
-        """Per image: 2x3 affine matrix and 3 colour factors, as one (n, 9) CPU tensor."""
-        def uniform(lo, hi):
-            return torch.rand(n, generator=generator) * (hi - lo) + lo
-
-        area = uniform(*self.scale)
-        log_ratio = uniform(math.log(self.ratio[0]), math.log(self.ratio[1])).exp()
-        sx = (area * log_ratio).sqrt().clamp(max=1.0)
-        sy = (area / log_ratio).sqrt().clamp(max=1.0)
-        tx = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sx)
-        ty = (torch.rand(n, generator=generator) * 2 - 1) * (1 - sy)
-        angle = uniform(-self.degrees, self.degrees) * math.pi / 180
-        flip = torch.where(torch.rand(n, generator=generator) < self.flip, -1.0, 1.0)
-        cos, sin = angle.cos(), angle.sin()
-        # Output grid -> input coordinates: rotate, scale to the crop, flip x, move to the crop centre.
-        theta = [sx * cos * flip, -sy * sin, tx, sx * sin * flip, sy * cos, ty]
-        factors = [uniform(1 - self.jitter, 1 + self.jitter) for _ in range(3)]
-        return torch.stack(theta + factors, 1)
-
-    def __call__(self, x_uint8, generator, params=None):
-        """Augment a batch with fresh random numbers, or with `params` from draw (a torchrun worker
-        uses its share of those drawn for the whole global batch, as one process would)."""
-        if self.identity:
-            return x_uint8.float()
-        n, dev = x_uint8.shape[0], x_uint8.device
-        params = self.draw(n, generator) if params is None else params
-        if dev.type == "cuda":  # one pinned, asynchronous copy per batch
-            params = params.pin_memory()
-        params = params.to(dev, non_blocking=True)
-        theta, factors = params[:, :6].view(n, 2, 3), params[:, 6:]
-        x = x_uint8.float().div_(255)
-        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-        brightness, contrast, saturation = (factors[:, i].view(n, 1, 1, 1) for i in range(3))
-        x = x * brightness
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - gray.mean((2, 3), keepdim=True)) * contrast + gray.mean((2, 3), keepdim=True)
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
-        x = (x - gray) * saturation + gray
-        return x.clamp_(0, 1).mul_(255)  # back on the 0-255 scale that Normalize expects
-
-
-# --augment: "full" crops 35-100 % of the area (aspect 3/4-4/3), flips, rotates +-15 degrees and
-# jitters brightness, contrast and saturation +-20 %; "light" only crops 70-100 % and flips;
-# "none" trains on the photos as they are. Measured against each other in docs/measurements.md.
-AUGMENTATIONS = {
-    "full": dict(),
-    "light": dict(scale=(0.7, 1.0), degrees=0.0, jitter=0.0),
-    "none": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), degrees=0.0, jitter=0.0, flip=0.0),
-}
 
 
 def batch_order(n, batch_size, generator=None, shuffle=True, drop_last=False):

@@ -57,8 +57,8 @@ def summary(path):
              f"  classes ({len(ckpt['classes'])})   {', '.join(ckpt['classes'][:30])}{' ...' if len(ckpt['classes']) > 30 else ''}",
              f"  input          {ckpt['img_size']} x {ckpt['img_size']} px RGB; mean {ckpt['mean']}, std {ckpt['std']}"]
     lines += [f"  preprocessing  {k}: {v}" for k, v in prep.items()]
-    stage = args.get("stage") or ("1e-7" if args.get("init") else "1e-4")
-    lines.append(f"  epoch          {ckpt['epoch']} of stage {stage} (lr {args.get('lr')}, {args.get('epochs')} epochs asked)"
+    stage = args.get("stage") or ("2" if args.get("init") else "1")
+    lines.append(f"  epoch          {ckpt['epoch']} of {stage} (lr {args.get('lr')}, {args.get('epochs')} epochs asked)"
                  + (", a last.pth for --resume" if "history" in ckpt else ""))
     lines.append(f"  metrics        {metric_text(ckpt['metrics'])}")
     decision = ckpt.get("decision")
@@ -66,7 +66,7 @@ def summary(path):
         lines.append(f"  decision       {decision.get('file', '')} by rule {decision.get('rule')}: {decision.get('reason')}")
     elif "history" not in ckpt:
         lines.append("  decision       not recorded in this file (an epoch file, or an older checkpoint); see the "
-                     "stage folder's divergence.json")
+                     "stage folder's .json of its outputs (divergence.json, final.json)")
     versions = ckpt.get("versions")
     lines.append("  versions       " + (", ".join(f"{k} {v}" for k, v in versions.items()) if versions else "not recorded"))
     lines.append("  arguments      " + ", ".join(f"{k}={v}" for k, v in sorted(args.items()) if v not in (None, False, [])))

@@ -63,3 +63,37 @@ def macro_recall(per_class, reps=4000, seed=0):
 def describe(point, lo, hi, unit="%"):
     """'62.0 % (95 % CI 52.2 to 70.9)'"""
     return f"{point:.1f}{' ' + unit if unit else ''} (95 % CI {lo:.1f} to {hi:.1f})"
+
+
+# 97.5 % quantiles of Student's t for 1..30 degrees of freedom (beyond: the normal's 1.96)
+T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def over_runs(values):
+    """Mean of per-run values (each run's accuracy, or its paired difference, in points) with a 95 % t
+    interval over the runs: the runs (seeds, class draws) are the units, each already averaged over its
+    photos. With one run: no interval (nan)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = (T975[n - 2] if n - 1 <= len(T975) else Z95) * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def describe_runs(values, signed=False):
+    """'+2.3 (95 % CI -3.8 to +8.3, t over 4 runs, under 5: rough; per run +7.0, -2.0, +3.0, +1.0)'"""
+    mean, lo, hi = over_runs(values)
+    f = "{:+.1f}" if signed else "{:.1f}"
+    rough = ", under 5: rough" if len(values) < 5 else ""
+    ci = f"95 % CI {f.format(lo)} to {f.format(hi)}, t over {len(values)} runs{rough}" if len(values) > 1 else \
+        "one run: no interval over runs"
+    return f"{f.format(mean)} ({ci}; per run {', '.join(f.format(v) for v in values)})"
+
+
+def photos_only(correct, n):
+    """'62.0 % (95 % CI 52.2 to 70.9, photos only, one run)': the Wilson interval of one run's accuracy."""
+    lo, hi = wilson(correct, n)
+    return f"{100 * correct / n:.1f} % (95 % CI {100 * lo:.1f} to {100 * hi:.1f}, photos only, one run)"

@@ -1,8 +1,8 @@
 """Every file a training stage keeps, written on one background thread so that training never waits for the disk.
 
-The Keeper holds host copies of the weights of the epochs a decision may still pick, writes
-the named checkpoints (best.pth, divergence.pth, final.pth), and writes last.pth for --resume
-together with the epoch files that last.pth needs (epochs/epoch_NNN.pth), then prunes the rest.
+The Keeper holds copies of the weights of the epochs a decision may still pick (and of those a weight
+average is made of), writes the named checkpoints (divergence.pth, best.pth, swa.pth, final.pth...),
+and writes last.pth for --resume together with the epoch files that last.pth needs, then prunes the rest.
 A kill at any moment leaves a last.pth whose epoch files are all on disk. (timm's
 CheckpointSaver is the model for this split between the loop and its files.)
 """
@@ -71,18 +71,16 @@ def summary(row):
 
 
 class Keeper:
-    """`writes=False` (torchrun workers other than rank 0): the same bookkeeping of which epochs are
-    kept, so that every worker takes the same decisions, but no weights held and no files written."""
+    """The files go where `paths` (layout.RunPaths) says. `writes=False` (torchrun workers other than
+    rank 0): the same epochs held, so that every worker takes the same decisions and can measure a weight
+    average made of them (SWA), but no files written."""
 
-    def __init__(self, stage_dir, meta, keep_all=False, writes=True):
-        self.dir, self.meta, self.keep_all, self.writes = Path(stage_dir), meta, keep_all, writes
+    def __init__(self, paths, meta, keep_all=False, writes=True):
+        self.paths, self.meta, self.keep_all, self.writes = paths, meta, keep_all, writes
         self.writer = Writer()
         self.kept = {}  # epoch -> (weights, metrics row) of the epochs a decision may still pick
         self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
         self.on_device = None  # keep the copies on the GPU (decided at the first snapshot, see snapshot)
-
-    def epoch_path(self, epoch):
-        return self.dir / "epochs" / f"epoch_{epoch:03d}.pth"
 
     def make(self, epoch, state=None, **extra):
         state, row = (state, {}) if state is not None else self.kept[epoch]
@@ -95,29 +93,36 @@ class Keeper:
         the host by the writer thread."""
         if self.on_device is None:
             self.on_device = device_room(model)
-        self.kept[row["epoch"]] = (checkpoint.model_state(model, self.on_device) if self.writes else None, summary(row))
+        self.kept[row["epoch"]] = (checkpoint.model_state(model, self.on_device), summary(row))
         for epoch in [e for e in self.kept if e not in needed | {row["epoch"]}]:
             del self.kept[epoch]
         if self.keep_all and self.writes:
             # (made now: by the time the writer gets to it, a rule may no longer need this epoch's weights)
             self.writer.submit(f"epoch {row['epoch']}", checkpoint.save, self.make(row["epoch"]),
-                               self.epoch_path(row["epoch"]))
+                               self.paths.epoch(row["epoch"]))
+
+    def weights(self, epoch, model):
+        """{epoch: weights} of the held epochs, and `model`'s weights as `epoch` when it is not held yet."""
+        out = {e: w for e, (w, _) in self.kept.items()}
+        if epoch not in out:
+            out[epoch] = model.state_dict()
+        return out
 
     def name(self, path, epoch, decision, averaged=None):
         """Write the kept weights of `epoch` as `path` (best.pth, divergence.pth, final.pth), with the
         decision that named it, so that the file explains why it holds that epoch. `averaged` (a dict of
-        state, metrics, weights and file) names averaged weights instead, kept in the stage's own file."""
+        state, metrics, weights and own: the stage's own file) names averaged weights instead."""
         if not self.writes:
             return
         if averaged is not None:
             ckpt = checkpoint.make(checkpoint.snapshot(averaged["state"]), epoch=epoch, metrics=averaged["metrics"],
                                    **{**self.meta, "weights": averaged["weights"]}, decision=decision)
-            self.writer.submit(str(path), self._write_named, Path(path), self.dir / averaged["file"], ckpt)
+            self.writer.submit(str(path), self._write_named, Path(path), averaged["own"], ckpt)
             return
         if epoch not in self.kept:
             raise checkpoint.CheckpointError(
                 f"the weights of epoch {epoch} are no longer kept (an interrupted run lost them); rerun with --fresh")
-        self.writer.submit(str(path), self._write_named, Path(path), self.epoch_path(epoch),
+        self.writer.submit(str(path), self._write_named, Path(path), self.paths.epoch(epoch),
                            self.make(epoch, decision=decision))
 
     def save_last(self, epoch, state_of, finished=False):
@@ -137,24 +142,22 @@ class Keeper:
         state = self.kept[epoch][0] if epoch in self.kept else checkpoint.model_state(model, bool(self.on_device))
         ckpt = self.make(epoch, state, kept_epochs=sorted(self.kept), finished=finished, **training_state)
         # (the newest epoch's weights are in last.pth itself; a finished run also gets its file, for the named links)
-        epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.epoch_path(e).exists()}
+        epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.paths.epoch(e).exists()}
         self.writer.submit("last", self._write_last, ckpt, epochs)
 
     def restore(self, ckpt):
         """Continue after the epoch of a last.pth: reload the kept epochs it lists, and delete epoch
         files a killed run wrote past it."""
-        folder = self.dir / "epochs"
+        folder = self.paths.epochs
         for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() and self.writes else []:
             if int(path.stem.split("_")[1]) > ckpt["epoch"]:
                 path.unlink()
         rows = {r["epoch"]: summary(r) for r in ckpt["history"]}
         for epoch in ckpt.get("kept_epochs", []):
-            if not self.writes:
-                self.kept[epoch] = (None, rows.get(epoch, {}))
-            elif epoch == ckpt["epoch"]:
+            if epoch == ckpt["epoch"]:
                 self.kept[epoch] = (ckpt["model"], rows.get(epoch, {}))
-            elif self.epoch_path(epoch).exists():
-                self.kept[epoch] = (checkpoint.load(self.epoch_path(epoch))["model"], rows.get(epoch, {}))
+            elif self.paths.epoch(epoch).exists():
+                self.kept[epoch] = (checkpoint.load(self.paths.epoch(epoch))["model"], rows.get(epoch, {}))
 
     def close(self):
         self.writer.close()
@@ -169,10 +172,10 @@ class Keeper:
 
     def _write_last(self, ckpt, epochs):
         for epoch, epoch_ckpt in epochs.items():
-            checkpoint.save(epoch_ckpt, self.epoch_path(epoch))
-        checkpoint.save(ckpt, self.dir / "last.pth")
+            checkpoint.save(epoch_ckpt, self.paths.epoch(epoch))
+        checkpoint.save(ckpt, self.paths.last)
         if not self.keep_all:  # only now may the files the previous last.pth needed go
             needed = set(ckpt["kept_epochs"])
-            for path in (self.dir / "epochs").glob("epoch_*.pth"):
+            for path in self.paths.epochs.glob("epoch_*.pth"):
                 if int(path.stem.split("_")[1]) not in needed:
                     path.unlink(missing_ok=True)

@@ -12,7 +12,9 @@ are dicts: epoch, train_acc, val_acc (percent), train_loss, val_loss, train_loss
 train_n, val_n. No rule reads watch_acc (model_1e-4.py --watch) or a weight average's columns.
 """
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
 
 from .cli import positive_float, positive_int
 
@@ -39,29 +41,6 @@ def se_points(acc, n):
 
 def gap_se(row):
     return math.hypot(se_points(row["train_acc"], row["train_n"]), se_points(row["val_acc"], row["val_n"]))
-
-
-def loss_se(row, split, notes=None):
-    """The standard error of a split's mean loss; for a metrics.csv written before it was recorded, an
-    estimate (loss / sqrt(n): per-image cross-entropies spread about as widely as their mean), noted."""
-    value = row.get(f"{split}_loss_se")
-    if value is not None and value == value:
-        return value
-    if notes is not None:
-        notes.add(f"{split}_loss_se was not recorded: estimated as {split}_loss / sqrt({split}_n)")
-    return row[f"{split}_loss"] / math.sqrt(row[f"{split}_n"])
-
-
-def growth(values, ses):
-    """Least-squares growth over the window (slope x (len - 1)) and its standard error, for points one
-    epoch apart with independent errors `ses`. Epochs measured on the same photos are positively
-    correlated, so this over-states the noise of a change: tests built on it err towards not firing."""
-    k = len(values)
-    xs = [i - (k - 1) / 2 for i in range(k)]
-    sxx = sum(x * x for x in xs)
-    slope = sum(x * v for x, v in zip(xs, values)) / sxx
-    slope_se = math.sqrt(sum((x * s) ** 2 for x, s in zip(xs, ses))) / sxx
-    return slope * (k - 1), slope_se * (k - 1)
 
 
 def smoothed(values, half):
@@ -114,21 +93,53 @@ def steady_needed(history, half):
 
 # ---------------------------------------------------------------- the rules
 
+RULES = {}  # --rule NAME -> the rule's class: the one table of rules
+
+
+def register(cls):
+    """A class decorator: the rule becomes a choice of --rule, with its flags."""
+    RULES[cls.name] = cls
+    return cls
+
+
 class Rule:
+    """A frozen dataclass whose fields are its settings. `flags` maps each field to its command-line flag
+    and the flag's argparse arguments (the default is the field's); `text` says the rule in full."""
     name = ""
+    help = ""  # one line, for --rule's help
     text = ""
+    flags = {}
 
     def observe(self, history, available=None):
+        """The Decision on the history so far; `available`: the epochs whose weights are still held."""
         raise NotImplementedError
+
+    def describe(self):
+        """The rule and its settings in one line (the stage's banner)."""
+        return f"{self.name}: {self.text}"
 
     def settings(self):
         return {"rule": self.name, **asdict(self), "text": self.text}
 
+    @classmethod
+    def add_flags(cls, group):
+        for f in fields(cls):
+            flag, kwargs = cls.flags[f.name]
+            group.add_argument(flag, dest=f.name, default=f.default, **kwargs)
 
+    @classmethod
+    def from_flags(cls, values):
+        """The rule with the settings in `values` (a namespace or a dict; missing ones take their defaults)."""
+        values = values if isinstance(values, dict) else vars(values)
+        return cls(**{f.name: values[f.name] for f in fields(cls) if values.get(f.name) is not None})
+
+
+@register
 @dataclass(frozen=True)
 class LastEpoch(Rule):
     """Train every epoch, keep the last (stage 2's rule: the recipe's "ep20")."""
     name = "last"
+    help = "train every epoch, keep the last"
     text = "Train every epoch; keep the last."
 
     def observe(self, history, available=None):
@@ -136,24 +147,15 @@ class LastEpoch(Rule):
         return Decision(False, last, frozenset({last}), f"kept the last epoch, {last}")
 
 
-@dataclass(frozen=True)
-class WeightAverage(Rule):
-    """Train every epoch; keep the mean of the last quarter's epoch weights (SWA), not one epoch's."""
-    name = "swa"
-    text = ("Train every epoch; keep the plain mean of the weights at the end of each epoch of the last quarter "
-            "of the epochs (stochastic weight averaging, SWA), with BatchNorm statistics recomputed for the mean.")
-
-    def observe(self, history, available=None):
-        last = history[-1]["epoch"]
-        return Decision(False, last, frozenset({last}), "kept the mean of the weights of the last quarter's epochs "
-                        f"(SWA), as it stands at epoch {last}", {"weights": "swa"})
-
-
+@register
 @dataclass(frozen=True)
 class SteadyBest(Rule):
     """Train every epoch, keep the steady best-val epoch."""
     half: int = 2  # epochs each side in the centred mean of val_acc
     name = "steady-best"
+    help = "train every epoch, keep the steady best-val epoch"
+    flags = {"half": ("--smooth-half", dict(type=positive_int, help="steady-best rule: epochs each side in the "
+                                                                      "centred mean of val_acc"))}
     text = ("Train every epoch; keep the latest epoch whose smoothed val_acc (centred mean over `half` epochs "
             "each side) is within one binomial standard error of the best smoothed val_acc.")
 
@@ -164,108 +166,173 @@ class SteadyBest(Rule):
                         "one standard error of the best)")
 
 
+@register
 @dataclass(frozen=True)
 class Divergence(Rule):
     """The recipe's rule: stop where the train/validation gap starts to widen beyond noise."""
-    window: int = 5  # epochs over which a trend is judged
-    patience: int = 5  # epochs the widening must hold before the stage stops
     min_epochs: int = 10  # no decision before this epoch
-    z: float = 2.0  # standard errors a change must exceed to count as real
+    z: float = 4.0  # standard errors the rise must exceed (calibrated: bench/divergence.py)
+    reach: int = 15  # how many epochs back the widening may have begun
     early_stop: bool = True  # stop when it fires (False: train on; the kept epoch is the same)
     name = "divergence"
-    text = ("At each epoch t >= min_epochs, over the last `window` epochs: (A) the least-squares growth of the "
-            "accuracy gap (train_acc - val_acc) exceeds z standard errors, or (L) the growth of the loss gap "
-            "(val_loss - train_loss) exceeds z standard errors; (B) the mean accuracy gap is positive by more "
-            "than z standard errors; (C) val_acc is not rising (its growth is below one standard error). The gap "
-            "is widening at t when B and C hold and A or L does. The rule fires when it has widened at `patience` "
-            "consecutive epochs. The widening started at the last epoch of the window where it was first seen "
-            "whose accuracy gap was within one standard error of that window's smallest gap; the kept epoch is "
-            "the latest up to that start whose smoothed val_acc is within one standard error of the best "
-            "smoothed val_acc so far (else the best smoothed one up to that start). Until it fires, the steady "
-            "best-val epoch is kept. Accuracy errors are binomial, loss errors those of a mean.")
+    help = "stop where the train/val gap starts to widen beyond noise, keep the epoch where it began (the recipe's)"
+    flags = {
+        "min_epochs": ("--min-epochs", dict(type=positive_int, help="divergence rule: no decision before this epoch")),
+        "z": ("--noise-z", dict(type=positive_float, help="divergence rule: standard errors the rise must exceed")),
+        "reach": ("--gap-reach", dict(type=positive_int, help="divergence rule: epochs back that the widening may "
+                                                               "have begun")),
+        "early_stop": ("--no-early-stop", dict(action="store_false", help="divergence rule: train every epoch even "
+                                                                          "after it fired (the kept epoch is the same)")),
+    }
+    text = ("At each epoch t >= min_epochs, for every epoch b up to `reach` epochs back, a broken line is fitted "
+            "to the mean val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and "
+            "alike to the gap, val loss minus train loss). The widening began at b when both rates exceed z "
+            "standard errors; the rule fires at the first t where some b does, and keeps the epoch of the lowest "
+            "val loss (centred mean of 3 epochs) within 3 epochs of the b that fits best. A standard error "
+            "comes from the epoch-to-epoch noise of the mean loss, measured two ways, the larger kept: from the "
+            "photos, each compared with itself from one epoch to the next (paired), and from the series' own "
+            "scatter (its second differences, which also hold what all photos do together). Until it fires, "
+            "the steady best-val epoch is kept. Without per-photo losses (an older metrics.csv), the scatter alone.")
 
-    def widening_test(self, rows, notes=None):
-        """The tests on the last `window` rows (the window ends at rows[-1])."""
-        win = rows[-self.window:]
-        ses = [gap_se(r) for r in win]
-        acc_gap, acc_gap_se = growth([r["train_acc"] - r["val_acc"] for r in win], ses)
-        loss_ses = [math.hypot(loss_se(r, "val", notes), loss_se(r, "train", notes)) for r in win]
-        loss_gap, loss_gap_se = growth([r["val_loss"] - r["train_loss"] for r in win], loss_ses)
-        mean_gap = sum(r["train_acc"] - r["val_acc"] for r in win) / len(win)
-        mean_gap_se = math.sqrt(sum(s * s for s in ses)) / len(win)
-        val, val_se = growth([r["val_acc"] for r in win], [se_points(r["val_acc"], r["val_n"]) for r in win])
-        a, l_ = acc_gap > self.z * acc_gap_se, loss_gap > self.z * loss_gap_se
-        b, c = mean_gap > self.z * mean_gap_se, val < val_se
-        return {"epoch": win[-1]["epoch"], "acc_gap_growth": round(acc_gap, 3), "acc_gap_growth_se": round(acc_gap_se, 3),
-                "loss_gap_growth": round(loss_gap, 5), "loss_gap_growth_se": round(loss_gap_se, 5),
-                "mean_gap": round(mean_gap, 3), "mean_gap_se": round(mean_gap_se, 3),
-                "val_growth": round(val, 3), "val_growth_se": round(val_se, 3),
-                "A_acc_gap_grows": a, "L_loss_gap_grows": l_, "B_gap_positive": b, "C_val_not_rising": c,
-                "widening": bool(b and c and (a or l_))}
+    def describe(self):
+        return (f"divergence: from epoch {self.min_epochs}, the val loss must rise and the val-train loss gap "
+                f"widen from a flat level, each by more than {self.z:g} standard errors of their epoch-to-epoch "
+                f"noise, the rise begun at most {self.reach} epochs back; the epoch where it began is kept"
+                + ("" if self.early_stop else "; --no-early-stop: training goes on after it fires"))
+
+    def test(self, rows, notes):
+        """The best broken line ending at rows[-1]: where the rise began, its rates and their z."""
+        val, gap = [r["val_loss"] for r in rows], [r["val_loss"] - r["train_loss"] for r in rows]
+        noise_val, noise_gap = noise(rows, "val", notes), math.hypot(noise(rows, "val", notes), noise(rows, "train", notes))
+        noise_gap = max(noise_gap, scatter(gap[-SCATTER_EPOCHS:]), 1e-9)  # (a constant series: no noise)
+        noise_val = max(noise_val, 1e-9)
+        best = None
+        for k in range(max(1, len(rows) - 1 - self.reach), len(rows) - 2):  # k: the index of the flat level's end
+            start = max(0, k - BEFORE)
+            r_val, f = hinge(val[start:], k - start)
+            r_gap, _ = hinge(gap[start:], k - start)
+            z_val, z_gap = r_val / (noise_val * f), r_gap / (noise_gap * f)
+            if best is None or min(z_val, z_gap) > min(best[1], best[2]):
+                best = (rows[k]["epoch"], z_val, z_gap, r_val, r_gap)
+        _, z_val, z_gap, r_val, r_gap = best
+        began = changepoint(val[-(self.reach + BEFORE + 1):], self.reach, rows)
+        return {"epoch": rows[-1]["epoch"], "began": began, "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
+                "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
+                "widening": bool(z_val > self.z and z_gap > self.z)}
 
     def replay(self, history, notes=None):
         """The tests over the history, and whether and where the rule fired."""
-        tests, streak = [], 0
+        notes = set() if notes is None else notes
+        tests = []
         for i in range(len(history)):
-            if history[i]["epoch"] < self.min_epochs or i + 1 < self.window:
+            if history[i]["epoch"] < self.min_epochs or i < 4:
                 continue
-            test = self.widening_test(history[:i + 1], notes)
-            tests.append(test)
-            streak = streak + 1 if test["widening"] else 0
-            if streak >= self.patience:
-                first = i - streak + 1  # the streak's first epoch
-                start = widening_start(history[first - self.window + 1:first + 1])
-                return {"fired": True, "fired_at": history[i]["epoch"], "streak_start": history[first]["epoch"],
-                        "widening_start": start, "tests": tests}
-        return {"fired": False, "streak": streak, "tests": tests}
+            tests.append(self.test(history[:i + 1], notes))
+            if tests[-1]["widening"]:
+                return {"fired": True, "fired_at": history[i]["epoch"], "widening_start": tests[-1]["began"],
+                        "tests": tests}
+        return {"fired": False, "tests": tests}
 
     def observe(self, history, available=None):
         notes = set()
         found = self.replay(history, notes)
-        half = self.window // 2
-        if not found["fired"]:
-            chosen = steady_best(history, half, available)
+        if found["fired"]:
+            began, upto = found["widening_start"], [r for r in history if r["epoch"] <= found["fired_at"]]
+            held = self.candidates(upto[:-1]) | {found["fired_at"]} if len(upto) > 1 else {found["fired_at"]}
+            near = {e for e in held if abs(e - began) <= 3}
+            losses = dict(zip((r["epoch"] for r in upto), smoothed([r["val_loss"] for r in upto], 1)))
+            chosen = min(near or held, key=lambda e: (0 if near else abs(e - began), losses[e], e))
+            reason = (f"the gap widened beyond noise: from epoch {began} the val loss rose and the val-train loss "
+                      f"gap widened, each beyond {self.z:g} standard errors by epoch {found['fired_at']}; kept epoch "
+                      f"{chosen}, the lowest val loss (3-epoch centred mean) within 3 epochs of {began} among the "
+                      f"epochs held")
+            needed = {chosen}
+        else:
+            chosen = steady_best(history, 2, available)
             why = (f"the gap did not widen beyond noise in {len(history)} epochs" if history[-1]["epoch"] >= self.min_epochs
                    else f"no decision before epoch {self.min_epochs} (the run has {len(history)} epochs)")
-            reason = f"{why}; kept the steady best-val epoch {chosen}"
-            needed = still_needed(history, self, found)
-        else:
-            upto = [r for r in history if r["epoch"] <= found["fired_at"]]
-            good, sv = qualifying(upto, half)
-            start = found["widening_start"]
-            before = [e for e in good if e <= start and (available is None or e in available)]
-            if before:
-                chosen, how = before[-1], "the latest up to the widening's start with val_acc at its best level"
-            else:  # val was still lower before the widening: its best smoothed value there
-                chosen, how = max((v, r["epoch"]) for r, v in zip(upto, sv) if r["epoch"] <= start and (
-                    available is None or r["epoch"] in available))[1], "the best smoothed val_acc up to its start"
-            reason = (f"the gap widened beyond noise after epoch {start} (seen from epoch {found['streak_start']}) "
-                      f"and kept widening for {self.patience} epochs, to epoch {found['fired_at']}; kept epoch "
-                      f"{chosen}, {how}")
-            needed = {chosen}
-        evidence = {k: v for k, v in found.items() if k != "tests"} | {"tests": found["tests"]}
+            reason = f"{why}; kept the steady best-val epoch {chosen} instead"
+            needed = self.candidates(history)
         if notes:
             reason += " (" + "; ".join(sorted(notes)) + ")"
-        return Decision(found["fired"] and self.early_stop, chosen, frozenset(needed), reason, evidence)
+        return Decision(found["fired"] and self.early_stop, chosen, frozenset(needed), reason, found)
 
 
-def widening_start(window_rows):
-    """The last epoch of the window (which ends where the widening was first seen) whose gap was still
-    within one standard error of the window's smallest gap: after it, the gap rose beyond noise."""
-    low = min(r["train_acc"] - r["val_acc"] for r in window_rows)
-    return [r["epoch"] for r in window_rows if r["train_acc"] - r["val_acc"] <= low + gap_se(r)][-1]
+    def candidates(self, history):
+        """The epochs a later firing may keep, few enough to hold in memory: in every block of BLOCK epochs
+        (counted from epoch 1) that a widening found later may reach, the one of lowest smoothed val loss
+        whose mean is final, and the newest epoch (whose mean is not). Any 7 epochs in a row hold a whole
+        block, so each epoch where a widening may begin has a candidate within 3 epochs of it."""
+        last = history[-1]["epoch"]
+        losses = dict(zip((r["epoch"] for r in history), smoothed([r["val_loss"] for r in history], 1)))
+        blocks = {}
+        for e in (e for e in losses if last - self.reach - 3 <= e < last):
+            blocks.setdefault((e - 1) // BLOCK, []).append(e)
+        return {last} | {min(block, key=lambda e: (losses[e], e)) for block in blocks.values()}
 
 
-def still_needed(history, rule, found):
-    """Epochs whose weights a later Divergence decision may still pick, while it has not fired: those from
-    the earliest widening start still possible on, the latest qualifying epoch before it, and the steady
-    best's candidates. Older epochs can be dropped."""
-    last = len(history) - 1
-    first = max(0, last - found["streak"] + 1 - rule.window)  # index of the earliest widening start still possible
-    recent = {r["epoch"] for r in history[first:]}
-    good, _ = qualifying(history, rule.window // 2)
-    older = [e for e in good if e < history[first]["epoch"]]
-    return recent | set(older[-1:]) | steady_needed(history, rule.window // 2)
+BEFORE = 8  # epochs of the flat level before a rise, in the broken-line fit
+BLOCK = 4  # the divergence rule holds one candidate epoch per this many epochs
+SCATTER_EPOCHS = 30  # the epoch-to-epoch noise is measured over the last this many epochs
+
+
+def hinge(values, k):
+    """The rise per epoch after index k of a broken line fitted to `values` (flat up to k, then linear),
+    and its standard error per unit noise."""
+    u = np.maximum(0, np.arange(len(values)) - k).astype(float)
+    du = u - u.mean()
+    sxx = float(du @ du)
+    return float(du @ np.asarray(values, dtype=float)) / sxx, 1 / math.sqrt(sxx)
+
+
+def changepoint(values, reach, rows):
+    """The epoch where the rise began: among the last `reach` epochs but two, the k whose broken line
+    (flat over the BEFORE epochs up to k, then linear) fits values[k - BEFORE:] best, by mean squared
+    residual (a loss still falling from training before k fits a flat level badly, so k is not pulled
+    into the training's fall)."""
+    y = np.asarray(values, dtype=float)
+    best = None
+    for k in range(max(1, len(y) - 1 - reach), len(y) - 2):
+        part = y[max(0, k - BEFORE):]
+        u = np.maximum(0, np.arange(len(part)) - min(k, BEFORE)).astype(float)
+        x = np.stack([np.ones_like(u), u], 1)
+        residual = part - x @ np.linalg.lstsq(x, part, rcond=None)[0]
+        mse = float(residual @ residual) / (len(part) - 2)
+        if best is None or mse < best[0]:
+            best = (mse, k)
+    return rows[len(rows) - len(y) + best[1]]["epoch"]
+
+
+def noise(rows, split, notes):
+    """The epoch-to-epoch noise (standard deviation) of the mean `split` loss over the last SCATTER_EPOCHS:
+    the larger of the paired per-photo estimate (the spread of each photo's change from one epoch to the
+    next, over the square root of the photo count and of 2) and the series' own scatter."""
+    recent = rows[-SCATTER_EPOCHS:]
+    series = scatter([r[f"{split}_loss"] for r in recent])
+    photos = [r.get(f"{split}_losses") for r in recent]
+    if not all(photos) or len({len(p) for p in photos}) != 1 or len(photos[0]) < 2:
+        notes.add(f"per-photo {split} losses were not recorded: the noise is the mean {split} loss's own "
+                  "epoch-to-epoch scatter")
+        return series
+    changes = np.diff(np.asarray(photos, dtype=float), axis=0)  # each photo against itself
+    paired = float(np.sqrt(np.mean(changes.var(axis=1, ddof=1)) / changes.shape[1] / 2))
+    return max(paired, series)
+
+
+def scatter(values):
+    """The epoch-to-epoch noise (standard deviation) of a series, from its second differences, which a
+    straight line leaves at zero (each has variance 6 sigma^2 for independent noise): their root mean
+    square, so that the occasional jump counts in full."""
+    d2 = np.diff(np.asarray(values, dtype=float), 2)
+    return float(np.sqrt(np.mean(d2 ** 2) / 6)) if len(d2) else math.inf
+
+
+def lowest_loss(rows, available=None):
+    """The epoch of the lowest val loss, as a centred mean over it and its neighbours (a single lucky epoch
+    does not win), among `available` epochs."""
+    losses = smoothed([r["val_loss"] for r in rows], 1)
+    pairs = [(v, r["epoch"]) for v, r in zip(losses, rows) if available is None or r["epoch"] in available]
+    return min(pairs or list(zip(losses, (r["epoch"] for r in rows))))[1]
 
 
 def outcome(decision):
@@ -274,46 +341,47 @@ def outcome(decision):
             "chosen_epoch": decision.chosen, "reason": decision.reason}
 
 
-# ---------------------------------------------------------------- stage 1's flags
+# ---------------------------------------------------------------- the flags
 
-RULES = {"divergence": Divergence, "steady-best": SteadyBest, "last": LastEpoch, "swa": WeightAverage}
-DEFAULT = "swa"  # chosen on the tuning part of the evidence in docs/measurements.md (bench/stopping.py)
-
-
-def add_args(p):
-    d = Divergence()
-    p.add_argument("--rule", choices=list(RULES), default=DEFAULT,
-                   help="what stage 1 keeps as divergence.pth: divergence (stop where the train/val gap widens "
-                        "beyond noise, keep the epoch before), steady-best (train every epoch, keep the steady "
-                        "best-val epoch), last (train every epoch, keep the last) or swa (train every epoch, keep "
-                        "the mean of the last quarter's epoch weights)")
-    p.add_argument("--gap-window", type=positive_int, default=d.window,
-                   help="divergence rule: epochs over which the trend of the gap is judged")
-    p.add_argument("--patience", type=positive_int, default=d.patience,
-                   help="divergence rule: epochs in a row the gap must widen before the stage stops")
-    p.add_argument("--min-epochs", type=positive_int, default=d.min_epochs,
-                   help="divergence rule: no decision before this epoch")
-    p.add_argument("--noise-z", type=positive_float, default=d.z,
-                   help="divergence rule: standard errors a change must exceed to count")
-    p.add_argument("--no-early-stop", action="store_true",
-                   help="divergence rule: train every epoch even after it fired (the kept epoch is the same)")
+DEFAULT = "divergence"  # the recipe's rule
+KEEP = {"last": LastEpoch, "best": SteadyBest}  # stage 2's --keep
 
 
-RULE_FLAGS = ("rule", "gap_window", "patience", "min_epochs", "noise_z", "no_early_stop", "keep")  # (keep: stage 2)
+def add_args(group):
+    """--rule and every registered rule's flags."""
+    group.add_argument("--rule", choices=list(RULES), default=DEFAULT,
+                       help="what the stage keeps and when it stops: " + "; ".join(
+                           f"{name} ({cls.help})" for name, cls in RULES.items()))
+    for cls in RULES.values():
+        cls.add_flags(group)
 
 
-def from_args(args):
-    """The stage-1 rule the flags describe (`args`: a namespace or a dict)."""
-    a = args if isinstance(args, dict) else vars(args)
-    return from_settings(a.get("rule", DEFAULT), a)
+def add_keep_arg(group):
+    group.add_argument("--keep", choices=list(KEEP), default="last",
+                       help="which epoch becomes final.pth: the last (the recipe's 20th), or the steady best-val "
+                            "epoch (chosen on val, so val flatters it)")
 
 
-def from_settings(name, a):
-    if name == "divergence":
-        return Divergence(a.get("gap_window", 5), a.get("patience", 5), a.get("min_epochs", 10),
-                          a.get("noise_z", 2.0), not a.get("no_early_stop", False))
-    return {"steady-best": SteadyBest, "swa": WeightAverage}.get(name, LastEpoch)()
+def from_args(values, name=None):
+    """The rule `name` (default: values' "rule", else DEFAULT) with the settings in `values` (a namespace or a
+    dict of flags); an unknown name is an error."""
+    values = values if isinstance(values, dict) else vars(values)
+    name = name or values.get("rule") or DEFAULT
+    if name not in RULES:
+        raise ValueError(f"unknown rule {name!r}; the rules are {', '.join(RULES)}")
+    return RULES[name].from_flags(values)
+
+
+def keep_rule(values):
+    """Stage 2's rule from --keep."""
+    values = values if isinstance(values, dict) else vars(values)
+    return KEEP[values.get("keep") or "last"]()
+
+
+def flag_values(rule):
+    """The flags that make `rule`, by their names in args.json."""
+    return {"rule": rule.name, **asdict(rule)}
 
 
 def default_rule():
-    return from_settings(DEFAULT, {})
+    return from_args({})

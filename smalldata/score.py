@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cache, checkpoint, cli, files, intervals, plots, runtime
+from . import cache, checkpoint, cli, files, intervals, layout, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -252,9 +252,13 @@ def selection_note(ckpt, data):
             f"optimistic{honest}")
 
 
-def cache_dir(args):
-    """--cache-dir, by default the cache folder beside the checkpoint: the one its training stages used."""
-    return Path(args.cache_dir) if args.cache_dir else Path(args.checkpoint).resolve().parent / "cache"
+def cache_dir(args, ckpt):
+    """--cache-dir, by default the decode cache the checkpoint's training stages used (its arguments say
+    where), or, for a checkpoint moved from its run, the cache folder beside it."""
+    recorded = ckpt["args"].get("cache_dir")
+    if args.cache_dir or not recorded or not Path(recorded).is_dir():
+        return Path(args.cache_dir or layout.cache_dir(Path(args.checkpoint).resolve().parent))
+    return Path(recorded)
 
 
 def run(args):
@@ -263,10 +267,10 @@ def run(args):
     cli.log_to(out)
     refuse_overlap(out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
                    both_ways=False)
-    if not args.no_cache:
-        refuse_overlap(cache_dir(args), data, "--cache-dir", "--data", "the decode cache would be read as photos; "
-                       "choose a folder outside it (or --no-cache)", both_ways=False)
     ckpt = checkpoint.load(args.checkpoint)
+    if not args.no_cache:
+        refuse_overlap(cache_dir(args, ckpt), data, "--cache-dir", "--data", "the decode cache would be read as "
+                       "photos; choose a folder outside it (or --no-cache)", both_ways=False)
     classes, img_size = list(ckpt["classes"]), int(ckpt["img_size"])
     samples, labelled = scan(data, classes)
     device = runtime.resolve_device(args.device)
@@ -282,7 +286,7 @@ def run(args):
     problems = Problems()
     res = predict(model, samples, img_size=img_size, mean=ckpt["mean"], std=ckpt["std"], device=device,
                   batch_size=args.batch_size, tta=args.tta, problems=problems,
-                  cache_at=None if args.no_cache else cache.Location(cache_dir(args), data))
+                  cache_at=None if args.no_cache else cache.Location(cache_dir(args, ckpt), data))
     if not res["n"]:
         raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
     say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")

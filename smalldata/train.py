@@ -1,13 +1,11 @@
-"""The training loop both stages share: one epoch, and the measurements after it.
+"""The training loop both stages share: one epoch, exact BatchNorm statistics, and the measurements after it.
 
-This module trains and measures; the stage's epochs (stages.train_epochs) ask the rules of
-rule.py what to keep and when to stop.
+This module trains and measures; the stage's epochs (stage.train_epochs) ask the rules of rule.py
+what to keep and when to stop.
 """
-import copy
 import math
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -17,19 +15,20 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, runtime
-from .cli import say
-from .data import Augment, Normalize, batch_order, device_batches
+from . import augment, averages, checkpoint, runtime
+from .augment import Augment
+from .data import Normalize, batch_order, device_batches
 from .model import fp32_head
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds", "aug_loss",
                   "aug_acc", "images_per_s", "train_n", "val_n", "watch_acc", "train_loss_se", "val_loss_se"]
-AVERAGE_COLUMNS = ["val_acc", "val_loss", "val_loss_se", "watch_acc"]  # per measured weight average, name_ first
+AVERAGE_COLUMNS = ["val_acc", "val_loss", "val_loss_se", "watch_acc"]  # per weight average, its name_ first
 BAR_EVERY_S = 1.0  # the progress bar's loss and accuracy: one host sync this often (bench/gpu_readiness.py: never)
 
 
-def metric_columns(averages=()):
-    return METRIC_COLUMNS + [f"{a}_{c}" for a in averages for c in AVERAGE_COLUMNS]
+def metric_columns(names=()):
+    """metrics.csv's columns, with those of the weight averages `names`."""
+    return METRIC_COLUMNS + [f"{a}_{c}" for a in names for c in AVERAGE_COLUMNS]
 
 
 @dataclass
@@ -45,7 +44,7 @@ class Loop:
     compile: bool = False
     precise_bn: bool = True
     augment: Augment = field(default_factory=Augment)
-    averages: dict = field(default_factory=dict)  # name -> WeightAverage, measured beside the trained weights
+    averages: dict = field(default_factory=dict)  # name -> averages.Average, kept beside the trained weights
 
     def __post_init__(self):
         self.scaler = runtime.grad_scaler(self.amp)
@@ -59,8 +58,9 @@ class Loop:
         self.step_model = torch.compile(net) if self.compile else net
 
 
-def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, seed, compile=False,
-              precise_bn=True, sync_bn=False, augment=None, averages=()):
+def make_loop(model, opt, device, amp, mean, std, *, compile=False, sync_bn=False, candidates=None):
+    """The training loop of `model` with the optimiser settings `opt` (settings.Optimiser) on `device`;
+    `candidates` (settings.Candidates) names the weight averages kept beside it."""
     fp32_head(model)  # logits in float32 under autocast (model.fp32_head)
     if sync_bn:  # BatchNorm statistics over the global batch, not each worker's share (GPUs only)
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -68,11 +68,11 @@ def make_loop(model, *, lr, weight_decay, device, amp, mean, std, batch_size, se
     if device.type == "cuda":  # cuDNN's fastest convolutions want NHWC; on the CPU it is no faster
         model = model.to(memory_format=torch.channels_last)
     # fused: one kernel for all parameters instead of a loop over 30+ tensors
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, fused=True)
-    loop = Loop(model, optimizer, device, amp, Normalize(mean, std, device), batch_size,
-                torch.Generator().manual_seed(seed), compile, precise_bn, augment or Augment(),
-                {spec: WeightAverage(model, spec) for spec in averages})
-    runtime.seed_worker(seed)  # (after the model is built alike everywhere) each worker its own dropout
+    optimizer = torch.optim.Adam(model.parameters(), lr=opt.lr, weight_decay=opt.weight_decay, fused=True)
+    kept = averages.make(model, candidates.swa_epochs, candidates.ema_epochs) if candidates else {}
+    loop = Loop(model, optimizer, device, amp, Normalize(mean, std, device), opt.batch_size,
+                torch.Generator().manual_seed(opt.seed), compile, not opt.no_precise_bn, Augment(opt.augment), kept)
+    runtime.seed_worker(opt.seed)  # (after the model is built alike everywhere) each worker its own dropout
     return loop
 
 
@@ -96,8 +96,8 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
     start = shown = time.perf_counter()
     bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout, disable=rank != 0)
     for step, (idx, x_uint8) in enumerate(zip(bar, device_batches(x_all, mine, order, loop.device))):
-        params = loop.augment.draw(sizes[step], loop.generator).tensor_split(workers)[rank]
-        x, y = loop.norm(loop.augment(x_uint8, loop.generator, params)), y_all[idx]
+        draws = augment.share(loop.augment.draw(sizes[step], loop.generator), rank, workers)
+        x, y = loop.norm(loop.augment(x_uint8, draws=draws)), y_all[idx]
         with runtime.autocast(loop.device, loop.amp):
             logits = loop.step_model(x)
             loss = F.cross_entropy(logits, y)
@@ -280,7 +280,7 @@ class PerImage:
 def measure(loop, data, epoch, seconds, aug):
     """The epoch's row of metrics.csv: accuracy, loss and the loss's standard error on the training
     originals and on val (and watch), after exact BatchNorm statistics, so every saved checkpoint
-    carries statistics of its own weights. Weight averages (--measure-averages) are measured alike."""
+    carries statistics of its own weights (weight averages: measure_average)."""
     if loop.precise_bn:
         precise_bn(loop, data["orig"][0])
     train_loss, train_loss_se, train_acc, train_each = evaluate(loop, *data["orig"], per_image=True)
@@ -297,105 +297,21 @@ def measure(loop, data, epoch, seconds, aug):
     if "watch" in data:  # analysis only: no decision reads it
         _, _, acc, watch_each = evaluate(loop, *data["watch"], per_image=True)
         row["watch_correct"], row["watch_acc"] = watch_each.correct, round(acc, 3)
-    for name, average in loop.averages.items():
-        if epoch > 0 and average.updates:
-            row.update(measure_average(loop, data, name, average.model))
     return row
 
 
-def measure_average(loop, data, name, model):
-    """The columns of one weight average: its val (and watch) numbers, after its own exact BatchNorm statistics."""
+def measure_average(loop, data, average):
+    """The columns of a weight average (averages.py), as it stands: its val (and watch) numbers, after its
+    own exact BatchNorm statistics."""
     if loop.precise_bn:
-        precise_bn(loop, data["orig"][0], model)
-    loss, se, acc = evaluate(loop, *data["val"], model=model)
+        precise_bn(loop, data["orig"][0], average.model)
+    loss, se, acc = evaluate(loop, *data["val"], model=average.model)
+    name = average.name
     out = {f"{name}_val_acc": round(acc, 3), f"{name}_val_loss": round(loss, 5), f"{name}_val_loss_se": round(se, 5)}
     if "watch" in data:
-        _, _, acc, each = evaluate(loop, *data["watch"], model=model, per_image=True)
+        _, _, acc, each = evaluate(loop, *data["watch"], model=average.model, per_image=True)
         out[f"{name}_watch_correct"], out[f"{name}_watch_acc"] = each.correct, round(acc, 3)
     return out
-
-
-class WeightAverage:
-    """An average of the trained weights, kept beside them: `emaT` an exponential moving average updated
-    after every step with a time constant of T epochs (decay 1 - 1/(T x steps per epoch), warmed up as
-    timm's ModelEmaV3 does: decay min(decay, (1 + n) / (10 + n)) at update n); `swaW` (`swa`: W = 5) the
-    plain mean of the weights at the end of the last W epochs (SWA over a trailing window, so it is
-    defined wherever the stage ends). BatchNorm buffers are copied from the trained model and then
-    recomputed by precise BN before the average is measured."""
-
-    def __init__(self, model, spec):
-        self.spec, self.updates = spec, 0
-        if spec.startswith("swa"):
-            self.kind, self.epochs = "swa", int(spec[3:] or SWA_EPOCHS)
-        else:
-            self.kind, self.epochs = "ema", float(spec[3:])
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.window = deque()  # swa: (epoch, float tensors) of the epochs averaged
-
-    def tensors(self, model):
-        return list(model.parameters()) + list(model.buffers())
-
-    @torch.no_grad()
-    def blend(self, model, weight):
-        mine, theirs = self.tensors(self.model), [t.detach() for t in self.tensors(model)]
-        floats = [(a, b) for a, b in zip(mine, theirs) if a.is_floating_point()]
-        torch._foreach_lerp_([a for a, _ in floats], [b for _, b in floats], weight)
-        for a, b in zip(mine, theirs):
-            if not a.is_floating_point():
-                a.copy_(b)
-        self.updates += 1
-
-    def after_step(self, model, steps_per_epoch):
-        if self.kind == "ema":
-            decay = min(1 - 1 / (self.epochs * steps_per_epoch), (1 + self.updates) / (10 + self.updates))
-            self.blend(model, 1 - decay)
-
-    @torch.no_grad()
-    def after_epoch(self, model, epoch):
-        if self.kind != "swa":
-            return
-        self.window.append((epoch, [t.detach().clone() for t in self.tensors(model)]))
-        while len(self.window) > self.epochs:
-            self.window.popleft()
-        for i, mine in enumerate(self.tensors(self.model)):  # the plain mean, summed in epoch order
-            parts = [tensors[i] for _, tensors in self.window]
-            if mine.is_floating_point():
-                mine.copy_(torch.stack(parts).sum(0) / len(parts))
-            else:
-                mine.copy_(parts[-1])
-        self.updates = len(self.window)
-
-    def averaged_epochs(self):
-        """swa: the first and last epoch of the mean."""
-        return (self.window[0][0], self.window[-1][0]) if self.window else None
-
-    def state_dict(self):
-        return {"model": checkpoint.snapshot(self.model.state_dict()), "updates": self.updates,
-                "window": [(e, checkpoint.snapshot(t)) for e, t in self.window]}
-
-    def load_state_dict(self, state):
-        self.model.load_state_dict(state["model"])
-        self.updates = state["updates"]
-        device = next(self.model.parameters()).device
-        self.window = deque((e, [t.to(device) for t in ts]) for e, ts in state.get("window", []))
-
-
-SWA_EPOCHS = 5  # epochs in SWA's trailing window
-
-
-def average_spec(text):
-    """An argparse type for --measure-averages: emaT (T epochs, a number) or swa."""
-    import argparse
-
-    try:
-        ok = (text.startswith("swa") and (text == "swa" or int(text[3:]) > 0)) or \
-            (text.startswith("ema") and float(text[3:]) > 0)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise argparse.ArgumentTypeError(f"{text!r}: give emaT (T = time constant in epochs, e.g. ema4) or swaW "
-                                         f"(the mean of the last W epochs; swa: {SWA_EPOCHS})")
-    return text
 
 
 # ---------------------------------------------------------------- what --resume needs

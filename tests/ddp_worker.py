@@ -11,6 +11,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime  # noqa: E402
+from smalldata.settings import Optimiser  # noqa: E402
 from smalldata.train import evaluate, make_loop, precise_bn, train_epoch  # noqa: E402
 
 
@@ -20,8 +21,7 @@ def batchnorm_statistics():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 5, 3),
                           nn.BatchNorm2d(5), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(5, 3))
-    loop = make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, batch_size=8, seed=0)
+    loop = make_loop(model, Optimiser(lr=1e-2, batch_size=8), device, amp, IMAGENET_MEAN, IMAGENET_STD)
     x = torch.randint(0, 256, (45, 3, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
     precise_bn(loop, x, chunk=int(sys.argv[3]))
     if runtime.is_main():
@@ -34,8 +34,7 @@ def dropout_masks():
     """Each worker's dropout mask after make_loop, and its model's first weights (argv[2]: mode "dropout")."""
     device, amp = runtime.setup("cpu", seed=0, deterministic=True)
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.Linear(8, 3))
-    make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-              batch_size=8, seed=0)
+    make_loop(model, Optimiser(lr=1e-2, batch_size=8), device, amp, IMAGENET_MEAN, IMAGENET_STD)
     mask = (model[2](torch.ones(64)) > 0).int()
     got = [None] * runtime.world()[1]
     torch.distributed.all_gather_object(got, {"mask": mask.tolist(), "weights": model[1].weight.flatten().tolist()})
@@ -51,8 +50,8 @@ def main():
     y = torch.arange(48) % 3
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                           nn.Linear(8, 3))
-    loop = make_loop(model, lr=1e-2, weight_decay=0.0, device=device, amp=amp, mean=IMAGENET_MEAN,
-                     std=IMAGENET_STD, batch_size=8, seed=0, precise_bn=False)
+    loop = make_loop(model, Optimiser(lr=1e-2, batch_size=8, no_precise_bn=True), device, amp, IMAGENET_MEAN,
+                     IMAGENET_STD)
     rows = []
     for _ in range(2):
         loss, acc, _ = train_epoch(loop, x, y)

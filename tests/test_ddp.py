@@ -40,14 +40,14 @@ def test_torchrun_stage1_prints_and_writes_once_and_its_checkpoint_loads_in_torc
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("== stage 1") == 1 and "2 workers (torchrun, DistributedDataParallel over gloo)" in r.stdout
     assert r.stdout.count("epoch   2  train") == 1
-    rows = (out / "1e-4/metrics.csv").read_text().splitlines()
+    rows = (out / "stage1/metrics.csv").read_text().splitlines()
     assert len(rows) == 3  # header + 2 epochs: one writer
     ckpt = torch.load(out / "divergence.pth", weights_only=True)
     torchvision.models.resnet18(num_classes=4).load_state_dict(ckpt["model"])  # no "module." prefixes
 
     more = run_script("model_1e-4.py", *args, "--epochs", "3", check=0)  # one process continues the torchrun run
     assert "resuming after epoch 2" in more.stdout
-    assert len((out / "1e-4/metrics.csv").read_text().splitlines()) == 4
+    assert len((out / "stage1/metrics.csv").read_text().splitlines()) == 4
 
     odd = torchrun(REPO / "model_1e-4.py", "--data", tiny_data, "--out", tmp_path / "odd", "--epochs", "1",
                    "--batch-size", "7", "--device", "cpu", "--weights", "none")

@@ -32,12 +32,17 @@ def trained(tmp_path_factory):
 
 def test_each_stage_writes_a_log_of_what_it_said_without_progress_bars(trained):
     data, out, s1, _ = trained
-    log = (out / "1e-4" / "log.txt").read_text()
+    log = (out / "stage1" / "log.txt").read_text()
     assert log.startswith("===== ") and "model_1e-4.py --data" in log.splitlines()[0]
-    for line in ("== stage 1: resnet18", "epoch   2  train", "kept the SWA mean of epochs", "rule: swa", "the recipe's divergence rule, replayed"):
+    for line in ("== stage 1: resnet18", "epoch   2  train", "rule: divergence", "swa.pth: SWA: the mean of the weights at "
+                 "the end of epochs 1-2", "the next stage starts from divergence.pth"):
         assert line in log, line
     assert "batch/s" not in log and "\r" not in log  # tqdm's bars stay on the console
-    assert "epoch   1  train" in (out / "1e-7" / "log.txt").read_text()
+    assert "epoch   1  train" in (out / "stage2" / "log.txt").read_text()
+    run_script("model_1e-4.py", "--data", data, "--out", out, "--epochs", "2", *SMALL, "--no-br", "--no-ocm",
+               "--rule", "last", "--fresh", check=0)
+    log = (out / "stage1" / "log.txt").read_text()  # under another rule, the recipe's is replayed beside it
+    assert "rule: last" in log and "the recipe's divergence rule, replayed" in log
 
 
 def test_a_checkpoint_explains_itself_and_its_choice(trained):
@@ -48,7 +53,7 @@ def test_a_checkpoint_explains_itself_and_its_choice(trained):
     assert ckpt["versions"]["torch"] == str(torch.__version__) and ckpt["args"]["data"] == str(data.resolve())
     assert ckpt["decision"]["file"] == "divergence.pth" and ckpt["decision"]["chosen_epoch"] == ckpt["epoch"]
     assert checkpoint.load(out / "final.pth")["decision"]["rule"] == "last"
-    best = checkpoint.load(out / "1e-4" / "best.pth")
+    best = checkpoint.load(out / "stage1" / "best.pth")
     assert best["decision"]["file"] == "best.pth" and best["decision"]["rule"] == "steady-best"
 
 
@@ -57,7 +62,7 @@ def test_inspect_prints_what_a_checkpoint_is_and_compares_two(trained):
     r = run_here("inspect_checkpoint.py", out / "final.pth", "--compare", out / "divergence.pth")
     assert r.returncode == 0, r.stderr
     for words in ("resnet18", "11,178,564 parameters", "classes (4)", "32 x 32 px", "squeezed", "epoch          1 of "
-                  "stage 1e-7", "val_acc", "95% CI", "decision       final.pth by rule last", "torch ", "lr: A 1e-07  B 0.0001",
+                  "stage2", "val_acc", "95% CI", "decision       final.pth by rule last", "torch ", "lr: A 1e-07  B 0.0001",
                   "largest weight differences"):
         assert words in r.stdout, words
     assert len(r.stdout) < 20_000  # not torch.load's dump of every tensor
@@ -174,21 +179,31 @@ def test_a_missing_cjk_font_is_said_once_with_the_fix(monkeypatch, capsys, tmp_p
     assert out.count("draw as boxes") == 1 and "pip install noto-cjk-sans-jp-regular==0.0.1" in out
 
 
-def test_rule_swa_keeps_the_mean_of_the_last_quarters_epoch_weights(tmp_path):
+def test_swa_pth_is_the_mean_of_the_last_epochs_and_an_extended_run_averages_its_stored_window(tmp_path):
     data = tmp_path / "data"
     write_photo_set(data / "train", per_class=4, seed=1)
     write_photo_set(data / "val", per_class=2, seed=2)
     out = tmp_path / "ck"
-    run_script("model_1e-4.py", "--data", data, "--out", out, "--epochs", "8", "--rule", "swa", "--keep-all",
-               "--no-br", "--no-ocm", *SMALL, check=0)
-    kept = checkpoint.load(out / "divergence.pth")
-    assert kept["weights"].startswith("SWA: the mean of the weights at the end of epochs 7-8")
-    assert kept["decision"]["rule"] == "swa" and "val_acc" in kept["metrics"]
-    e7, e8 = (checkpoint.load(out / "1e-4" / "epochs" / f"epoch_00{e}.pth")["model"] for e in (7, 8))
-    for name, value in kept["model"].items():
-        if "running_" not in name and value.is_floating_point():  # (BatchNorm statistics: recomputed)
-            torch.testing.assert_close(value, (e7[name] + e8[name]) / 2, rtol=1e-5, atol=1e-6)
-    (out / "divergence.pth").unlink()  # restored from its own file, not from an epoch's
-    run_script("model_1e-4.py", "--data", data, "--out", out, "--epochs", "8", "--rule", "swa", "--keep-all",
-               "--no-br", "--no-ocm", *SMALL, check=0)
-    assert checkpoint.load(out / "divergence.pth")["weights"].startswith("SWA")
+    args = ("--data", data, "--out", out, "--swa-epochs", "3", "--rule", "last", "--keep-all", "--no-br", "--no-ocm",
+            *SMALL)
+
+    def mean_of(epochs):
+        kept = checkpoint.load(out / "swa.pth")
+        assert kept["weights"].startswith(f"SWA: the mean of the weights at the end of epochs {epochs[0]}-{epochs[-1]}")
+        assert kept["epoch"] == epochs[-1] and "val_acc" in kept["metrics"] and "SWA" in kept["decision"]["reason"]
+        files = [checkpoint.load(out / "stage1" / "epochs" / f"epoch_{e:03d}.pth")["model"] for e in epochs]
+        for name, value in kept["model"].items():
+            if "running_" not in name and value.is_floating_point():  # (BatchNorm statistics: recomputed)
+                torch.testing.assert_close(value, sum(f[name] for f in files) / len(files), rtol=1e-5, atol=1e-6)
+
+    first = run_script("model_1e-4.py", *args, "--epochs", "6", check=0)
+    assert "swa.pth: SWA: the mean of the weights at the end of epochs 4-6" in first.stdout
+    mean_of([4, 5, 6])
+    (out / "swa.pth").unlink()  # restored from the stage's own file, not from an epoch's
+    run_script("model_1e-4.py", *args, "--epochs", "6", check=0)
+    mean_of([4, 5, 6])
+    longer = run_script("model_1e-4.py", *args, "--epochs", "8", check=0)  # the stored window, 3 epochs: 6-8
+    assert "extending the finished run" in longer.stdout and "epochs 6-8" in longer.stdout
+    mean_of([6, 7, 8])
+    other = run_script("model_1e-4.py", *[a if a != "3" else "4" for a in args], "--epochs", "9", check=2)
+    assert "swa_epochs: 3 -> 4" in other.stderr  # the window defines the run: not changed silently

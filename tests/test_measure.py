@@ -13,8 +13,9 @@ from torch import nn
 from conftest import REPO
 from test_ddp import torchrun
 from test_runtime import tiny_data, tiny_loop
-from smalldata.data import AUGMENTATIONS, Augment
-from smalldata.train import WeightAverage, evaluate, precise_bn, train_epoch
+from smalldata.augment import PRESETS, Augment
+from smalldata.averages import EMA, SWA
+from smalldata.train import evaluate, precise_bn, train_epoch
 
 
 def two_bn_model():
@@ -88,22 +89,52 @@ def test_the_loss_comes_with_the_standard_error_of_a_mean():
 def test_augment_none_trains_on_the_photos_as_they_are_and_the_others_change_them():
     x, _ = tiny_data(n=4, size=16)
     g = torch.Generator().manual_seed(0)
-    assert torch.equal(Augment(**AUGMENTATIONS["none"])(x, g), x.float())
-    for name in ("light", "full"):
-        assert not torch.equal(Augment(**AUGMENTATIONS[name])(x, g), x.float())
+    assert torch.equal(Augment("none")(x, g), x.float())
+    for name in PRESETS:
+        if name != "none":
+            assert not torch.equal(Augment(name)(x, g), x.float())
+
+
+def test_a_new_augmentation_is_one_function_and_one_preset_entry(monkeypatch):
+    from smalldata import augment
+
+    def invert(n, generator, p=1.0):
+        """Pixel values turned over (a test's own operation)."""
+        return augment.Pixels(torch.rand(n, 1, generator=generator), lambda x, draws: (1 - x) * (draws < p).view(-1, 1, 1, 1))
+
+    monkeypatch.setitem(augment.PRESETS, "inverted", [(invert, {})])
+    x, _ = tiny_data(n=4, size=16)
+    assert torch.allclose(Augment("inverted")(x, torch.Generator()), 255 - x.float(), atol=1e-3)
+    assert augment.definition("inverted") == [["invert", {"p": 1.0}]] and "invert(p=1)" in augment.describe("inverted")
+
+
+def test_a_flip_and_crop_of_the_whole_photo_move_pixels_as_said():
+    from smalldata import augment
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4)
+    flipped = Augment("none")
+    flipped.ops = [(augment.flip, {"p": 1.0})]
+    assert torch.equal(flipped(x, torch.Generator()), x.flip(-1).float())
+    whole = Augment("none")
+    whole.ops = [(augment.crop, {"scale": (1.0, 1.0), "ratio": (1.0, 1.0)})]
+    torch.testing.assert_close(whole(x, torch.Generator()), x.float(), atol=1e-3, rtol=0)
 
 
 def test_swa_is_the_mean_of_the_last_epochs_weights_and_ema_follows_each_step():
     loop = tiny_loop()
     x, y = tiny_data(n=12)
-    swa, ema = WeightAverage(loop.model, "swa3"), WeightAverage(loop.model, "ema1")
-    snapshots = []
+    swa, ema = SWA(loop.model, 3), EMA(loop.model, 1.0)
+    snapshots = {}
     for epoch in range(1, 9):
         train_epoch(loop, x, y)
         ema.after_step(loop.model, steps_per_epoch=3)
-        swa.after_epoch(loop.model, epoch)
-        snapshots.append([p.detach().clone() for p in loop.model.parameters()])
-    assert swa.updates == 3 and swa.averaged_epochs() == (6, 8)  # a trailing window: the last 3 epochs
-    for avg, a, b, c in zip(swa.model.parameters(), *snapshots[-3:]):
-        torch.testing.assert_close(avg, (a + b + c) / 3)
-    assert ema.updates == 8 and not all(torch.equal(a, b) for a, b in zip(ema.model.parameters(), snapshots[-1]))
+        snapshots[epoch] = {k: v.clone() for k, v in loop.model.state_dict().items()}
+    assert swa.held(8) == {6, 7, 8}  # a trailing window: the last 3 epochs
+    swa.prepare(snapshots, 8)
+    for name, avg in swa.model.named_parameters():
+        torch.testing.assert_close(avg, (snapshots[6][name] + snapshots[7][name] + snapshots[8][name]) / 3)
+    assert "epochs 6-8" in swa.describe()
+    swa.prepare({e: s for e, s in snapshots.items() if e >= 7}, 8)  # an epoch the run never had is said
+    assert "epochs 7-8 (the run had 2 of the window's 3)" in swa.describe()
+    assert ema.updates == 8 and not all(torch.equal(a, b) for a, b in zip(ema.model.parameters(),
+                                                                           loop.model.parameters()))

@@ -47,7 +47,7 @@ def test_the_five_scripts_run_in_order_and_write_only_data_and_checkpoints(tmp_p
     run_script("check_score.py", "--data", "data/test", "--out", "checkpoints/score-test", *cpu, cwd=tmp_path, check=0)
     image_folders_read_as_torchvision_reads_them(data)
     assert torch.load(tmp_path / "checkpoints/final.pth", weights_only=True)["classes"] == CLASSES
-    for folder in ("data/br", "data/ocm", "checkpoints/1e-4", "checkpoints/1e-7", "checkpoints/score"):
+    for folder in ("data/br", "data/ocm", "checkpoints/stage1", "checkpoints/stage2", "checkpoints/score"):
         assert (tmp_path / folder / "log.txt").is_file(), folder
 
     result = json.loads((tmp_path / "checkpoints/score/score.json").read_text())

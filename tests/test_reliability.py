@@ -299,7 +299,7 @@ def assert_same_training(out, ref, stage, kept):
 def test_stage1_killed_early_mid_epoch_and_mid_checkpoint_save_then_rerun_equals_an_uninterrupted_run(
         train_data, stage1_reference, tmp_path, reliability):
     out, log = tmp_path / "ck", tmp_path / "log"
-    args, stage = ("--data", train_data, "--out", out, *TRAIN), out / "1e-4"
+    args, stage = ("--data", train_data, "--out", out, *TRAIN), out / "stage1"
 
     assert kill_when(lambda: stage.is_dir(), S1, *args, log=log)  # training has just begun
     assert visible(out, "*.pth") == []
@@ -320,7 +320,7 @@ def test_stage1_killed_early_mid_epoch_and_mid_checkpoint_save_then_rerun_equals
     last = checkpoint.load(stage / "last.pth")  # the previous one, whole
     epoch = last["epoch"]
     assert 1 <= epoch <= 3 and len(last["history"]) == epoch
-    assert same_tensors(last["model"], torch.load(stage1_reference / f"1e-4/epochs/epoch_{epoch:03d}.pth",
+    assert same_tensors(last["model"], torch.load(stage1_reference / f"stage1/epochs/epoch_{epoch:03d}.pth",
                                                   weights_only=True)["model"])
     reliability("fault", "SIGKILL during a last.pth save", S1,
                 f"partial save left only as a hidden temporary; previous last.pth intact (epoch {epoch}, "
@@ -328,9 +328,9 @@ def test_stage1_killed_early_mid_epoch_and_mid_checkpoint_save_then_rerun_equals
 
     rerun = run_script(S1, *args, check=0)  # the same command continues the interrupted run
     assert f"resuming after epoch {epoch}" in rerun.stdout
-    assert_same_training(out, stage1_reference, "1e-4",
-                         ["1e-4/last.pth", "1e-4/best.pth", "divergence.pth",
-                          *[p.relative_to(out).as_posix() for p in sorted((out / "1e-4/epochs").glob("epoch_*.pth"))]])
+    assert_same_training(out, stage1_reference, "stage1",
+                         ["stage1/last.pth", "stage1/best.pth", "divergence.pth",
+                          *[p.relative_to(out).as_posix() for p in sorted((out / "stage1/epochs").glob("epoch_*.pth"))]])
     reliability("fault", "rerun (same command) after the three kills", S1,
                 f"exit 0, resumed after epoch {epoch}; metrics rows (timing aside), last/best/divergence/epoch "
                 "checkpoint tensors (weights and Adam state) identical to an uninterrupted run")
@@ -361,7 +361,7 @@ def test_stage2_killed_mid_checkpoint_save_then_resume_equals_an_uninterrupted_r
     ref, out, log = tmp_path / "ref", tmp_path / "ck", tmp_path / "log"
     train_here(S2, *common, "--out", ref)
 
-    stage = out / "1e-7"
+    stage = out / "stage2"
     assert kill_when(lambda: (stage / "last.pth").exists() and list(stage.glob(f".last.pth{TEMP_MARK}*")),
                      S2, *common, "--out", out, log=log)
     last = checkpoint.load(stage / "last.pth")
@@ -371,7 +371,7 @@ def test_stage2_killed_mid_checkpoint_save_then_resume_equals_an_uninterrupted_r
 
     r = run_script(S2, *common, "--out", out, "--resume", stage / "last.pth", check=0)
     assert f"resuming after epoch {last['epoch']}" in r.stdout
-    assert_same_training(out, ref, "1e-7", ["1e-7/last.pth", "final.pth"])
+    assert_same_training(out, ref, "stage2", ["stage2/last.pth", "final.pth"])
     reliability("fault", "--resume last.pth after the kill", S2,
                 "exit 0; metrics rows (timing aside), last.pth and final.pth tensors identical to an "
                 "uninterrupted run")

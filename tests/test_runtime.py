@@ -8,6 +8,7 @@ from torch import nn
 
 from smalldata import runtime
 from smalldata.data import batch_order
+from smalldata.settings import Optimiser
 from smalldata.train import make_loop, restore_training_state, train_epoch, training_state
 
 
@@ -17,8 +18,8 @@ def tiny_model(classes=3):
 
 
 def tiny_loop(model=None, batch_size=4):
-    return make_loop(model or tiny_model(), lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), amp=None,
-                     mean=[0.5] * 3, std=[0.25] * 3, batch_size=batch_size, seed=0)
+    return make_loop(model or tiny_model(), Optimiser(lr=1e-3, batch_size=batch_size), torch.device("cpu"), None,
+                     [0.5] * 3, [0.25] * 3)
 
 
 def tiny_data(n=10, size=8):
@@ -129,8 +130,8 @@ def test_the_gpu_settings_train_on_the_cpu_bf16_autocast_channels_last_and_compi
 
     torch._dynamo.reset()
     counters.clear()
-    loop = make_loop(tiny_model(), lr=1e-3, weight_decay=0.0, device=torch.device("cpu"), amp=torch.bfloat16,
-                     mean=[0.5] * 3, std=[0.25] * 3, batch_size=4, seed=0, compile=True)
+    loop = make_loop(tiny_model(), Optimiser(lr=1e-3, batch_size=4), torch.device("cpu"), torch.bfloat16,
+                     [0.5] * 3, [0.25] * 3, compile=True)
     loop.model.to(memory_format=torch.channels_last)
     loop.norm.channels_last = True
     x, y = tiny_data(n=10)

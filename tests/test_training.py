@@ -41,36 +41,49 @@ def test_two_stages_write_every_file_of_the_contract(data_with_extras, tmp_path)
     out = tmp_path / "ck"
     r1 = run_script("model_1e-4.py", "--data", data_with_extras, "--out", out, "--epochs", "2", *SMALL, check=0)
     assert "images: train 16, br 8, ocm 8, val 8 at 32 px" in r1.stdout
-    for name in ("1e-4/metrics.csv", "1e-4/curves.png", "1e-4/last.pth", "1e-4/divergence.json", "divergence.pth"):
+    for name in ("stage1/metrics.csv", "stage1/curves.png", "stage1/last.pth", "stage1/divergence.json", "divergence.pth"):
         assert (out / name).is_file(), name
-    rows = read_metrics(out / "1e-4/metrics.csv")
+    rows = read_metrics(out / "stage1/metrics.csv")
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert list(rows[0])[:8] == ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "gap", "seconds"]
-    info = json.loads((out / "1e-4/divergence.json").read_text())
-    # the default rule keeps the SWA mean (here of epoch 2 alone); the divergence rule is replayed beside it
-    assert info["rule"]["rule"] == "swa" and info["chosen_epoch"] == 2
-    assert torch.load(out / "divergence.pth", weights_only=True)["weights"].startswith("SWA")
-    would = info["divergence_rule_would"]
-    assert would["fired"] is False and would["chosen_epoch"] == steady_best(
-        [{k: float(v) for k, v in r.items() if v != ""} for r in rows])
+    info = json.loads((out / "stage1/divergence.json").read_text())
+    # the default rule is the recipe's; two epochs are too few for it to decide: it keeps the steady best
+    assert info["rule"]["rule"] == "divergence" and info["chosen_epoch"] == steady_best(
+        [{k: float(v) for k, v in r.items() if v != "" and not k.endswith("_correct")} for r in rows])
+    assert torch.load(out / "divergence.pth", weights_only=True)["epoch"] == info["chosen_epoch"]
+    files = {o["file"]: o for o in info["outputs"]}  # every candidate beside it, saved and scored
+    assert set(files) == {"divergence.pth", "best.pth", "swa.pth", "ema.pth"} and all(
+        0 <= o["val_ci95"][0] <= o["val_acc"] <= o["val_ci95"][1] <= 100 for o in files.values())
+    assert torch.load(out / "swa.pth", weights_only=True)["weights"].startswith("SWA: the mean of the weights at the "
+                                                                                "end of epochs 1-2")
+    assert torch.load(out / "ema.pth", weights_only=True)["weights"].startswith("EMA")
+    assert "the next stage starts from divergence.pth" in r1.stdout
+    with open(out / "stage1/val_losses.csv") as f:  # each val photo's loss every epoch, for paired comparisons
+        per_photo = list(csv.reader(f))
+    assert per_photo[0][:2] == ["epoch", "correct"] and len(per_photo[0]) == 2 + 8
+    assert all("/" in name for name in per_photo[0][2:])  # <class>/<file>, as ImageFolder lists them
+    for photos, metrics in zip(per_photo[1:], rows):
+        losses = [float(v) for v in photos[2:]]
+        assert abs(sum(losses) / 8 - float(metrics["val_loss"])) < 1e-4
+        assert 100 * photos[1].count("1") / 8 == float(metrics["val_acc"])
 
     r2 = run_script("model_1e-7_ep20.py", "--data", data_with_extras, "--out", out, "--epochs", "2",
                     "--batch-size", "8", "--device", "cpu", check=0)
     assert "start (ep 0)" in r2.stdout
     assert "decoded images: " + ", ".join(f"{k} decoded and cached" for k in ("train", "br", "ocm", "val")) in r1.stdout
     assert "decoded images: " + ", ".join(f"{k} from cache" for k in ("train", "br", "ocm", "val")) in r2.stdout
-    for name in ("1e-7/metrics.csv", "1e-7/curves.png", "1e-7/last.pth", "final.pth"):
+    for name in ("stage2/metrics.csv", "stage2/curves.png", "stage2/last.pth", "final.pth"):
         assert (out / name).is_file(), name
-    assert [r["epoch"] for r in read_metrics(out / "1e-7/metrics.csv")] == ["0", "1", "2"]
+    assert [r["epoch"] for r in read_metrics(out / "stage2/metrics.csv")] == ["0", "1", "2"]
 
-    for name in ("divergence.pth", "final.pth", "1e-4/last.pth", "1e-7/last.pth"):
+    for name in ("divergence.pth", "final.pth", "stage1/last.pth", "stage2/last.pth"):
         ckpt = torch.load(out / name, weights_only=True)
         assert ckpt["classes"] == ["astronaut", "chelsea", "coffee", "rocket"]
         assert ckpt["arch"] == "vgg13_bn" and ckpt["img_size"] == 32 and len(ckpt["mean"]) == 3
         assert json.dumps(ckpt["args"])  # JSON types only
         plain = torchvision.models.vgg13_bn(num_classes=4)
         plain.load_state_dict(ckpt["model"])  # no prefixes, no renaming
-    finished_last = torch.load(out / "1e-4/last.pth", weights_only=True)
+    finished_last = torch.load(out / "stage1/last.pth", weights_only=True)
     assert finished_last["finished"] and finished_last["optimizer"] is None  # 1 GB of Adam state left out
 
     again = run_script("model_1e-4.py", "--data", data_with_extras, "--out", out, "--epochs", "2", *SMALL, check=0)
@@ -82,7 +95,6 @@ def test_two_stages_write_every_file_of_the_contract(data_with_extras, tmp_path)
 
 def test_a_finished_run_extended_with_more_epochs_continues_its_history(tiny_data, tmp_path):
     # (a kill and rerun repeating an uninterrupted run exactly is tests/test_reliability.py's)
-    # (--rule divergence: under swa the averaging window is the last quarter of --epochs, which extending moves)
     args = ["--data", tiny_data, "--no-br", "--no-ocm", "--deterministic", "--arch", "resnet18", "--rule", "divergence",
             *SMALL]
     run_script("model_1e-4.py", *args, "--out", tmp_path / "a", "--epochs", "3", check=0)
@@ -91,11 +103,12 @@ def test_a_finished_run_extended_with_more_epochs_continues_its_history(tiny_dat
     assert "resuming after epoch 1" in r.stdout and "Adam starts afresh" in r.stdout
 
     def strip(rows):
-        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s")} for row in rows]
+        return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_s") and not k.startswith(("swa_", "ema_"))}
+                for row in rows]  # (weight averages are scored at a stage's end: epoch 1 was b's end, not a's)
 
-    a, b = (strip(read_metrics(tmp_path / x / "1e-4/metrics.csv")) for x in "ab")
+    a, b = (strip(read_metrics(tmp_path / x / "stage1/metrics.csv")) for x in "ab")
     assert [row["epoch"] for row in b] == ["1", "2", "3"] and a[0] == b[0]
-    assert checkpoint.load(tmp_path / "b/1e-4/last.pth")["epoch"] == 3
+    assert checkpoint.load(tmp_path / "b/stage1/last.pth")["epoch"] == 3
 
 
 def test_no_br_and_no_ocm_leave_sources_out(data_with_extras, tmp_path):
@@ -153,11 +166,12 @@ def test_resume_keeps_the_epoch_files_last_pth_needs_and_drops_those_written_pas
     from test_runtime import tiny_loop
 
     from smalldata.keeper import Keeper
+    from smalldata.layout import RunPaths
     from smalldata.train import training_state
 
     loop = tiny_loop()
     meta = dict(arch="tiny", classes=["a", "b", "c"], img_size=8, mean=[0.5] * 3, std=[0.25] * 3, args={})
-    keeper = Keeper(tmp_path, meta)
+    keeper = Keeper(RunPaths(tmp_path, "stage1", tmp_path), meta)
     history = []
     for epoch in (1, 2, 3):
         history.append({"epoch": epoch, "val_acc": 50.0})
@@ -168,10 +182,10 @@ def test_resume_keeps_the_epoch_files_last_pth_needs_and_drops_those_written_pas
     assert files == ["epoch_002.pth"]  # epoch 3's weights are in last.pth itself; epoch 1 was never needed
     for epoch in (6, 7):  # what a killed later save may leave behind
         keeper.kept[epoch] = keeper.kept[3]
-        checkpoint.save(keeper.make(epoch), keeper.epoch_path(epoch))
+        checkpoint.save(keeper.make(epoch), keeper.paths.epoch(epoch))
     keeper.close()
 
-    resumed = Keeper(tmp_path, meta)
+    resumed = Keeper(RunPaths(tmp_path, "stage1", tmp_path), meta)
     resumed.restore(checkpoint.load(tmp_path / "last.pth"))
     assert sorted(resumed.kept) == [2, 3]
     assert sorted(p.name for p in (tmp_path / "epochs").iterdir()) == ["epoch_002.pth"]
@@ -187,8 +201,8 @@ def test_streaming_from_the_cache_trains_exactly_as_the_set_in_memory(data_with_
 
     def rows(folder):  # (timing aside)
         return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_s")}
-                for r in read_metrics(folder / "1e-4/metrics.csv")]
+                for r in read_metrics(folder / "stage1/metrics.csv")]
 
     assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 2
-    wa, wb = (checkpoint.load(tmp_path / x / "1e-4/last.pth")["model"] for x in "ab")
+    wa, wb = (checkpoint.load(tmp_path / x / "stage1/last.pth")["model"] for x in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
