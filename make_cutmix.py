@@ -9,6 +9,7 @@ each image) and <dst>/ocm_args.json (arguments + source fingerprint). The same c
 what exists; different arguments into a non-empty --dst are refused unless --overwrite is given.
 Exit codes: 0 done, 1 some inputs skipped (named on stderr), 2 nothing done.
 """
+import argparse
 from pathlib import Path
 
 from smalldata import cli, cutmix
@@ -18,12 +19,10 @@ DEFAULT_SRC = "data/train"
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if not args.src:  # (a repeatable flag has no default for argparse to check)
-        if not Path(DEFAULT_SRC).is_dir():
-            raise cli.UsageError(f"{DEFAULT_SRC} not found: put your photos in {DEFAULT_SRC}/<class>/<image>, "
-                                 "or give --src DIR")
-        args.src = [Path(DEFAULT_SRC)]
-    return cutmix.run(args)
+    if not args.src and not Path(DEFAULT_SRC).is_dir():  # (a repeatable flag has no default argparse checks)
+        raise cli.UsageError(f"{DEFAULT_SRC} not found: put your photos in {DEFAULT_SRC}/<class>/<image>, "
+                             "or give --src DIR")
+    return cutmix.run(argparse.Namespace(**{**vars(args), "src": args.src or [Path(DEFAULT_SRC)]}))
 
 
 def build_parser():

@@ -20,8 +20,8 @@ the test split. Configurations:
 Budget: d trains --epochs epochs; every other configuration gets the optimiser steps that d takes
 (equal steps, the headline), so a, with a quarter of the images, trains about four times the epochs;
 a's history up to --epochs epochs is its equal-epochs run (no schedule, no stop: the same run, cut).
-Test accuracy of each configuration: mean over cells with a 95 % bootstrap interval over cells and
-photos; each against the recipe (d) as a paired difference on the same test photos.
+Test accuracy of each configuration: mean over cells with a 95 % t interval over cells, and each cell's
+value; each against the recipe (d) as a paired difference on the same test photos.
 Histories go to <out>/histories/<cell>_<config>.csv (+ .watch.csv), a run already there is not
 trained again; the split, the runs and their logs to <out>/work. Defaults depend on the hardware:
 on a CPU vgg13_bn at 64 px, 5 classes, batch 16, 20 epochs; on a GPU 256 px, all classes, batch 32,
@@ -244,6 +244,10 @@ def read_history(path):
     return rows
 
 
+def accuracy(bits):
+    return 100 * bits.count("1") / len(bits)
+
+
 def kept_bits(name, rows, budget_epochs=None):
     """The test correctness of the epoch a configuration keeps: the project's default choice replayed
     on its history (cut at `budget_epochs`), the best-val epoch for the plain loop, the last for e."""
@@ -273,28 +277,27 @@ def report(args):
     if "d" not in runs:
         sys.exit(f"no recorded runs of the recipe (d) in {histories}")
     cells = sorted(runs["d"])
-    lines = [f"Test top-1 of the kept epoch, mean over {len(cells)} cell(s) ({', '.join(cells)}), 95 % bootstrap "
-             "interval over cells and photos; difference to the recipe (d) paired on the same test photos.",
+    lines = [f"Test top-1 of the kept epoch, mean over {len(cells)} cell(s) ({', '.join(cells)}) with a 95 % t interval "
+             "over cells and each cell's value; difference to the recipe (d) paired on the same test photos.",
              "", "| configuration | budget | test top-1 % | minus the recipe (d), points |", "|---|---|---|---|"]
-    d_bits = [kept_bits("d", runs["d"][c]) for c in cells]
+    d_acc = {c: accuracy(kept_bits("d", runs["d"][c])) for c in cells}
     for name in CONFIGS:
         if name not in runs:
             continue
         both = [c for c in cells if c in runs[name]]
         budgets = [("equal steps", None)] + ([(f"equal epochs ({args.epochs})", args.epochs)] if name == "a" else [])
         for budget, cut in budgets:
-            mine = [kept_bits(name, runs[name][c], cut) for c in both]
-            acc = intervals.describe(*intervals.bootstrap(mine), unit="")
-            diff = "-" if name == "d" else intervals.describe(
-                *intervals.bootstrap(mine, [d_bits[cells.index(c)] for c in both]), unit="")
+            mine = [accuracy(kept_bits(name, runs[name][c], cut)) for c in both]
+            diff = "-" if name == "d" else intervals.describe_runs([m - d_acc[c] for m, c in zip(mine, both)], signed=True)
             lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name != 'e' else f'd + {args.stage2_epochs} epochs'}"
-                         f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | {acc} | {diff} |")
+                         f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | "
+                         f"{intervals.describe_runs(mine)} | {diff} |")
     if "e" in runs:  # the 1e-7 stage against its own start (d's last epoch), on the same photos
         cells_e = sorted(runs["e"])
         start = [next(r for r in runs["e"][c] if r["epoch"] == 0) for c in cells_e]
         end = [runs["e"][c][-1] for c in cells_e]
-        diff = intervals.describe(*intervals.bootstrap([r["watch_correct"] for r in end],
-                                                       [r["watch_correct"] for r in start]), unit="")
+        diff = intervals.describe_runs([accuracy(e["watch_correct"]) - accuracy(s["watch_correct"])
+                                        for s, e in zip(start, end)], signed=True)
         val = [e["val_acc"] - s["val_acc"] for s, e in zip(start, end)]
         lines += ["", f"The 1e-7 stage ({end[0]['epoch']} epochs, {len(cells_e)} cell(s)): test top-1 after it minus "
                       f"before it (d's last epoch), paired: {diff} points; val_acc change per cell: "
