@@ -89,3 +89,25 @@ def tiny_data(tmp_path):
     write_photo_set(data / "train", per_class=4, seed=1)
     write_photo_set(data / "val", per_class=2, seed=2)
     return data
+
+
+# A fake nvidia-smi for machines without the GPU a test plays: -L lists one H200; the plain call prints
+# the driver line (driver 560.35.03, CUDA 12.6) that tools/setup.sh reads.
+FAKE_DRIVER, FAKE_DRIVER_CUDA = "560.35.03", "12.6"
+FAKE_SMI = f'''#!/bin/sh
+case "$1" in
+  -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-00000000-1111-2222-3333-444444444444)" ;;
+  --query-gpu=*) echo "{FAKE_DRIVER}" ;;
+  *) echo "| NVIDIA-SMI {FAKE_DRIVER}              Driver Version: {FAKE_DRIVER}      CUDA Version: {FAKE_DRIVER_CUDA}     |" ;;
+esac
+'''
+NO_DEVICE_SMI = '#!/bin/sh\necho "No devices were found"\nexit 6\n'
+
+
+def fake_nvidia_smi(folder, gpu=True):
+    """`folder`/nvidia-smi that lists a GPU (or finds none); returns `folder`, to put first on PATH."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nvidia-smi").write_text(FAKE_SMI if gpu else NO_DEVICE_SMI)
+    (folder / "nvidia-smi").chmod(0o755)
+    return folder

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-DRIVER, DRIVER_CUDA = "560.35.03", "12.6"  # what the fake nvidia-smi reports
+from conftest import FAKE_DRIVER as DRIVER, FAKE_DRIVER_CUDA as DRIVER_CUDA, REPO, fake_nvidia_smi
+
 TORCH_CUDA = "12.4"                         # what the stub torch was "built for"
 
 ORT_SOURCE = '''\
@@ -119,24 +119,12 @@ def wheelhouse(tmp_path, torch_cuda=True, gpu_available=("CUDAExecutionProvider"
     return folder
 
 
-FAKE_SMI = f'''#!/bin/sh
-case "$1" in
-  -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-00000000-1111-2222-3333-444444444444)" ;;
-  --query-gpu=*) echo "{DRIVER}" ;;
-  *) echo "| NVIDIA-SMI {DRIVER}              Driver Version: {DRIVER}      CUDA Version: {DRIVER_CUDA}     |" ;;
-esac
-'''
-NO_DEVICE_SMI = '#!/bin/sh\necho "No devices were found"\nexit 6\n'
-
-
 def environment(tmp_path, wheels, gpu, venv=None):
     """The set-up's environment: pip offline on `wheels`, a fake nvidia-smi when `gpu`."""
     fake_bin = tmp_path / ("bin-gpu" if gpu else "bin-cpu")
     fake_bin.mkdir(exist_ok=True)
     if gpu or shutil.which("nvidia-smi"):  # on a real GPU machine, mask its nvidia-smi with a GPU-less one
-        smi = fake_bin / "nvidia-smi"
-        smi.write_text(FAKE_SMI if gpu else NO_DEVICE_SMI)
-        smi.chmod(0o755)
+        fake_nvidia_smi(fake_bin, gpu)
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("PIP_") and k not in ("VENV", "PYTHONPATH", "PYTHONHOME")}
     env.update(PATH=f"{fake_bin}{os.pathsep}{os.environ['PATH']}", PYTHON=sys.executable,
