@@ -22,9 +22,10 @@
 # TERM), DIR gets results.json (every step's status, seconds and figures) and table.md, with the steps' logs
 # and the small files they wrote. The goal (bench/gpu_check_report.py GOALS): on an H100/H200 at 256 px in
 # bf16, >= 4,000 training images/s, >= 4x the plain torchvision loop, and whole stage-1 epochs >= 85 % of the
-# bare step rate. Exit 0 when every step ran, 1 when one failed or was skipped, 2 for a wrong argument.
+# bare step rate. --skip STEP,... leaves steps out (a shorter run). Exit 0 when every step ran to its end
+# (or was left out with --skip), 1 when one failed, timed out or missed the deadline, 2 for a wrong
+# argument, 130 / 143 when interrupted by Ctrl-C / TERM.
 set -uo pipefail   # (no -e: a failed step is reported, and the next one runs)
-cd "$(dirname "$0")/.."
 usage() { echo "bench/gpu_check.sh: $1 (usage: bash bench/gpu_check.sh --out DIR [--bundle WHEELS] [--skip STEP,...])" >&2; exit 2; }
 out= bundle= skip=
 while [ $# -gt 0 ]; do
@@ -37,7 +38,10 @@ while [ $# -gt 0 ]; do
   shift
 done
 [ -n "$out" ] || usage "--out is required"
-mkdir -p "$out/logs" "$out/json" && out=$(cd "$out" && pwd) || usage "cannot write to --out $out"
+mkdir -p "$out" && out=$(cd "$out" && pwd) || usage "cannot write to --out $out"
+cd "$(dirname "$0")/.."
+rm -rf "$out/logs" "$out/json" "$out/files" "$out/results.json" "$out/table.md"  # (an earlier run's)
+mkdir -p "$out/logs" "$out/json" "$out/files"
 : > "$out/steps.tsv"
 py=${PYTHON:-python3}
 [ -n "${PYTHON:-}" ] || [ ! -x .venv/bin/python ] || py=.venv/bin/python
@@ -71,7 +75,6 @@ finish() {  # on every exit: the running step stopped, the table, the small file
   rm -rf "$work"
   exit $(( code ? code : verdict ))
 }
-mkdir -p "$out/files"
 trap finish EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
@@ -132,5 +135,5 @@ step ocm 30 "$py" make_cutmix.py --src "$data/train" --dst "$data/ocm" --count $
 step torchrun1 60 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 model_1e-4.py --data "$data" \
   --out "$work/torchrun1" --weights none --fresh "${stage[@]}"
 step stream 60 "$py" model_1e-4.py --data "$data" --out "$work/stream" --weights none --fresh --data-on stream "${stage[@]}"
-step demo 150 "$py" tools/demo.py --data "$work/demo-data" --out "$work/demo" --weights none "${demo[@]}"
+step demo 200 "$py" tools/demo.py --data "$work/demo-data" --out "$work/demo" --weights none "${demo[@]}"
 step compile 120 "$py" bench/gpu_readiness.py compile --images "$data/train" --json "$json/compile.json" "${compile[@]}"

@@ -37,7 +37,7 @@ from smalldata.cli import Problems  # noqa: E402
 from smalldata.data import load_images  # noqa: E402
 from smalldata.folders import scan_labelled  # noqa: E402
 from smalldata.keeper import Keeper  # noqa: E402
-from smalldata.train import (bn_chunk, evaluate, make_loop, measure, precise_bn, restore_training_state,  # noqa: E402
+from smalldata.train import (bn_chunk, make_loop, measure, precise_bn, restore_training_state,  # noqa: E402
                              train_epoch, training_state)
 
 

@@ -57,6 +57,8 @@ def test_the_steps_run_in_order_and_each_leaves_its_figures(tmp_path):
 
 
 def test_a_deadline_skips_what_would_start_late_and_a_term_keeps_what_was_measured(tmp_path):
+    proc = subprocess.run(["bash", "bench/gpu_check.sh", "--skip", "demo"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--out is required" in proc.stderr
     out = tmp_path / "deadline"
     proc = check(out, deadline=1)
     assert proc.returncode == 1, proc.stdout_text[-3000:]
