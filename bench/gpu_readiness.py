@@ -1,15 +1,22 @@
-"""The GPU-only paths, checked in one run on the first device (docs/measurements.md, "On a GPU").
+"""The GPU-only paths and the per-epoch cost, measured in-process (bench/gpu_check.sh runs each part as a step).
 
-    python bench/gpu_readiness.py --images PHOTOS           # PHOTOS: <class>/<image> folders
+    python bench/gpu_readiness.py setup --json F                          # versions, the device, onnxruntime's CUDA
+    python bench/gpu_readiness.py breakdown --images TRAIN --val VAL --json F   # one stage-1 epoch, part by part
+    python bench/gpu_readiness.py compile --images TRAIN --json F         # torch.compile: graphs, first epoch, rate
 
-Checks, each printed with its numbers: host syncs in a training step (torch.cuda.set_sync_debug_mode),
-images/s with the checkpoint keeper working against the bare loop, NCHW<->NHWC conversion kernels
-in a profiler trace, recompiles under --compile, a CPU-made optimizer state resumed on CUDA, two
---deterministic runs, and peak GPU memory. On a CPU it runs what a CPU can (no sync mode, profiler
-or peak memory) as a smoke test of the script itself.
+breakdown: at the recipe's size by default (1,100 training images, 275 of them originals, 200 val, 256 px,
+batch 32, vgg13_bn, the SWA average that stage 1 keeps), made by repeating the photos given. Bare training
+epochs, then whole epochs as stage 1 runs them: train, the SWA mean, precise BN of the weights and of the
+SWA mean, the evaluations, the keeper's snapshot and last.pth (on the training thread; its writer thread overlaps the next
+epoch); medians. Every rate is counted over whole epochs, timed after a warm-up epoch and with the device
+synchronised at both ends, so no step's images or time is left out. Then: host syncs per epoch (the
+sync-debug warnings only), NCHW<->NHWC conversion kernels (their names, not cuDNN's NHWC convolutions),
+a CPU-made last.pth resumed here, --deterministic twice, peak GPU memory. What a CPU cannot show is "n/a".
+The JSON is rewritten after each part, so a time-out keeps what was measured.
 """
 import argparse
-import json
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -21,29 +28,143 @@ import torchvision
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tools"))
 
-from smalldata import IMAGENET_MEAN, IMAGENET_STD, runtime, train  # noqa: E402
+from gpu_check_report import GOALS  # noqa: E402
+from smalldata import IMAGENET_MEAN, IMAGENET_STD, files, runtime, train  # noqa: E402
 from smalldata.cli import Problems  # noqa: E402
 from smalldata.data import load_images  # noqa: E402
 from smalldata.folders import scan_labelled  # noqa: E402
 from smalldata.keeper import Keeper  # noqa: E402
 from smalldata.layout import RunPaths  # noqa: E402
-from smalldata.settings import Optimiser  # noqa: E402
-from smalldata.train import make_loop, measure, restore_training_state, train_epoch, training_state  # noqa: E402
+from smalldata.settings import Candidates, Optimiser  # noqa: E402
+from smalldata.train import (bn_chunk, make_loop, measure, precise_bn, restore_training_state,  # noqa: E402
+                             train_epoch, training_state)
 
-FIGURES = {}  # what --json writes: the numbers bench/gpu_check.sh puts in its table
+
+class Figures(dict):
+    """What --json holds; written again (atomically) after every part."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def part(self, name, fn):
+        """Run one part, keep its figures (or its error) under `name`; True when it worked."""
+        try:
+            self[name] = fn()
+            ok = True
+        except Exception as e:  # report and go on: one run should show every part
+            self[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            ok = False
+        print(f"{name:28s} {self[name]}", flush=True)
+        if self.path:
+            files.write_json(self.path, dict(self))
+        return ok
 
 
-def loop_for(args, device, amp, classes, seed=0, compile=False):
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(device, fn):
+    """(seconds, result) of fn(), the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    result = fn()
+    sync(device)
+    return time.perf_counter() - t0, result
+
+
+def loop_for(args, device, amp, classes, swa=False, compile=False, batch_size=None):
     model = torchvision.models.get_model(args.arch, num_classes=classes)
-    return make_loop(model, Optimiser(lr=1e-4, batch_size=args.batch_size, seed=seed), device, amp, IMAGENET_MEAN,
-                     IMAGENET_STD, compile=compile)
+    return make_loop(model, Optimiser(lr=1e-4, batch_size=batch_size or args.batch_size), device, amp, IMAGENET_MEAN,
+                     IMAGENET_STD, compile=compile, candidates=Candidates(swa_epochs=5) if swa else None)
 
 
-def syncs_per_step(loop, x, y):
+def repeat(x, y, n):
+    """The first n of the images repeated until there are n (the recipe's counts from fewer photos)."""
+    idx = torch.arange(n) % len(y)
+    return x[idx], y[idx]
+
+
+def images(args, device):
+    """(train x, y, originals x, y, val x, y, classes) on the device, at the sizes asked for."""
+    samples, classes = scan_labelled(args.images)
+    x, y, *_ = load_images(samples, args.img_size, Problems())
+    val_samples, _ = scan_labelled(args.val or args.images, classes)
+    vx, vy, *_ = load_images(val_samples, args.img_size, Problems())
+    (x, y), (ox, oy), (vx, vy) = repeat(x, y, args.train), repeat(x, y, args.originals), repeat(vx, vy, args.val_n)
+    return [t.to(device) for t in (x, y, ox, oy, vx, vy)] + [classes]
+
+
+def breakdown(args, figures):
+    device, amp = runtime.setup("auto", seed=0)
+    x, y, ox, oy, vx, vy, classes = images(args, device)
+    loop = loop_for(args, device, amp, len(classes), swa=True)
+    chunk = args.bn_chunk or bn_chunk(args.img_size)
+    steps = len(y) // args.batch_size
+    print(f"{runtime.describe(device, amp)}; {args.arch} at {args.img_size} px, batch {args.batch_size}: "
+          f"{len(y)} training images ({steps} steps), {len(oy)} originals, {len(vy)} val", flush=True)
+    train_epoch(loop, x, y, "warm-up")
+    figures.part("bare", lambda: bare_epochs(args, loop, x, y, steps))
+    figures.part("whole epochs", lambda: whole_epochs(args, loop, (x, y), (ox, oy), (vx, vy), chunk, figures))
+    figures.part("host syncs", lambda: host_syncs(loop, x, y))
+    figures.part("layout conversions", lambda: conversion_kernels(loop, x, y))
+    figures.part("CPU last.pth resumed here", lambda: cpu_state_resumed_here(args, device, amp, len(classes), x, y))
+    figures.part("--deterministic twice", lambda: deterministic_twice(args, device, amp, len(classes), x, y))
+    if device.type == "cuda":
+        figures.part("peak GPU memory", lambda: {"GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 1)})
+
+
+def bare_epochs(args, loop, x, y, steps):
+    seconds = [timed(loop.device, lambda: train_epoch(loop, x, y, "bare"))[0] for _ in range(args.epochs)]
+    return {"images/s": round(steps * args.batch_size / statistics.median(seconds), 1),
+            "epoch seconds": round(statistics.median(seconds), 3)}
+
+
+def whole_epochs(args, loop, train_set, originals, val, chunk, figures):
+    """Stage 1's epoch, part by part (stage.train_epochs: train, measure, keep, save; the SWA mean and its
+    precise BN as --candidates-each-epoch adds them); medians in seconds."""
+    swa = loop.averages["swa"]
+    data = {"train": train_set, "orig": originals, "val": val}
+    parts = {name: [] for name in ("train", "SWA mean", "precise BN", "eval", "keeper", "whole")}
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = dict(arch=args.arch, classes=[str(i) for i in range(int(train_set[1].max()) + 1)],
+                    img_size=args.img_size, mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
+        keeper = Keeper(RunPaths(Path(tmp), "stage1", Path(tmp)), meta)
+        for epoch in range(1, args.epochs + 1):
+            t_train, aug = timed(loop.device, lambda: train_epoch(loop, *train_set, "whole epoch"))
+            t_swa, _ = timed(loop.device, lambda: swa.prepare(keeper.weights(epoch, loop.model), epoch))
+            t_bn, _ = timed(loop.device, lambda: (precise_bn(loop, originals[0], chunk=chunk),
+                                                  precise_bn(loop, originals[0], swa.model, chunk=chunk)))
+            loop.precise_bn = False  # measure() below evaluates only: its precise BN was timed above
+            t_eval, row = timed(loop.device, lambda: measure(loop, data, epoch, t_train, aug))
+            loop.precise_bn = True
+            t_keep, _ = timed(loop.device, lambda: (
+                keeper.snapshot(loop.model, row, needed=swa.held(epoch)),
+                keeper.save_last(epoch, lambda optimizer: training_state(loop, [row], {}, optimizer))))
+            each = (t_train, t_swa, t_bn, t_eval, t_keep)
+            for name, seconds in zip(parts, (*each, sum(each))):
+                parts[name].append(seconds)
+        t_flush, _ = timed(loop.device, keeper.close)
+    median = {name: round(statistics.median(s), 3) for name, s in parts.items()}
+    bare = figures.get("bare", {}).get("epoch seconds")
+    return {"seconds per epoch": median, "images/s": round(len(train_set[1]) / median["whole"], 1),
+            "whole / bare": round(bare / median["whole"], 3) if bare else None,
+            "precise BN": f"{'one pass' if len(originals[1]) <= chunk else 'one pass per layer'} "
+                          f"({len(originals[1])} originals, {chunk} per pass), for the weights and the SWA mean",
+            "keeper's writer after the last epoch, s": round(t_flush, 3), "epochs": args.epochs}
+
+
+def host_syncs(loop, x, y):
+    """Synchronising CUDA calls in one training epoch, from torch's sync-debug warnings (other warnings aside);
+    the progress bar's once-a-second read switched off."""
     if loop.device.type != "cuda":
         return "n/a on CPU"
-    every, train.BAR_EVERY_S = train.BAR_EVERY_S, float("inf")  # (the progress bar's once-a-second read aside)
+    every, train.BAR_EVERY_S = train.BAR_EVERY_S, float("inf")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -52,70 +173,11 @@ def syncs_per_step(loop, x, y):
         finally:
             torch.cuda.set_sync_debug_mode("default")
             train.BAR_EVERY_S = every
-    steps = len(y) // loop.batch_size
-    FIGURES["host syncs per epoch"] = len(caught)
-    return f"{len(caught)} synchronising calls in {steps} steps (expected: 2, at the epoch's end)"
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    return {"per epoch": len(syncs), "steps": len(y) // loop.batch_size, "expected": 2}
 
 
-def everything_per_epoch(args, loop, x, y, classes):
-    """The goal "at least 85 % of the bare step rate with everything per-epoch included": images/s of
-    training epochs alone against whole stage-1 epochs (train, exact BatchNorm statistics and evaluation
-    of the training originals and of val, the keeper's snapshot and last.pth), in the recipe's
-    proportions: a quarter of the training images are originals, val a ninth of the training set."""
-    n = len(y)
-    data = {"train": (x, y), "orig": (x[: n // 4], y[: n // 4]), "val": (x[: n // 9], y[: n // 9])}
-    bare = sorted(train_epoch(loop, x, y, "bare")[2] for _ in range(args.epochs))[args.epochs // 2]
-    with tempfile.TemporaryDirectory() as tmp:
-        meta = dict(arch=args.arch, classes=[str(i) for i in range(classes)], img_size=args.img_size,
-                    mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
-        keeper = Keeper(RunPaths(Path(tmp), "stage1", Path(tmp)), meta)
-        rates = []
-        for epoch in range(1, args.epochs + 1):
-            t0 = time.perf_counter()
-            aug = train_epoch(loop, x, y, "whole epoch")
-            row = measure(loop, data, epoch, 0.0, aug)
-            keeper.snapshot(loop.model, row, needed={epoch})
-            keeper.save_last(epoch, lambda optimizer: training_state(loop, [row], {}, optimizer))
-            if loop.device.type == "cuda":
-                torch.cuda.synchronize()
-            rates.append(n / (time.perf_counter() - t0))
-        keeper.close()
-    whole = sorted(rates)[len(rates) // 2]
-    FIGURES["training images/s, bare"] = round(bare, 1)
-    FIGURES["training images/s, whole epochs"] = round(whole, 1)
-    FIGURES["whole epochs / bare"] = round(whole / bare, 3)
-    return (f"median of {args.epochs} epochs: bare {bare:.1f} images/s; whole epochs (measure + keeper) "
-            f"{whole:.1f} images/s = {whole / bare:.0%} of bare (goal: at least 85 %)")
-
-
-def with_and_without_keeper(args, loop, x, y, classes):
-    """images/s of a few epochs each: the bare loop; with the Keeper as training runs it (a host copy of
-    the weights every epoch, last.pth at most every LAST_EVERY_S seconds); and with last.pth every epoch."""
-    def epochs(keeper, every_epoch=False):
-        rates = []
-        for epoch in range(1, args.epochs + 1):
-            rates.append(train_epoch(loop, x, y, "keeper" if keeper else "bare")[2])
-            if keeper:
-                row = {"epoch": epoch}
-                keeper.snapshot(loop.model, row, needed={epoch})
-                if every_epoch:
-                    keeper.last_saved_at = -1e9
-                keeper.save_last(epoch, lambda optimizer: training_state(loop, [row], {}, optimizer))
-        return sorted(rates)[len(rates) // 2]
-
-    def kept(every_epoch):
-        with tempfile.TemporaryDirectory() as tmp:
-            meta = dict(arch=args.arch, classes=[str(i) for i in range(classes)], img_size=args.img_size,
-                        mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), args={})
-            keeper = Keeper(RunPaths(Path(tmp), "stage1", Path(tmp)), meta)
-            rate = epochs(keeper, every_epoch)
-            keeper.close()
-        return rate
-
-    bare, default, worst = epochs(None), kept(False), kept(True)
-    FIGURES["keeper / bare"] = round(default / bare, 3)
-    return (f"median of {args.epochs} epochs: bare {bare:.1f} images/s; with the keeper as in training "
-            f"{default:.1f} ({default / bare:.0%}); writing last.pth every epoch {worst:.1f} ({worst / bare:.0%})")
+CONVERSION = re.compile(r"nchw_?to_?nhwc|nhwc_?to_?nchw", re.IGNORECASE)  # layout transposes, not NHWC convolutions
 
 
 def conversion_kernels(loop, x, y):
@@ -123,83 +185,117 @@ def conversion_kernels(loop, x, y):
         return "n/a on CPU"
     from torch.profiler import ProfilerActivity, profile
 
+    n = 4 * loop.batch_size
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        train_epoch(loop, x[: 4 * loop.batch_size], y[: 4 * loop.batch_size], "profile")
-    names = [e.key for e in prof.key_averages() if "nchw" in e.key.lower() or "nhwc" in e.key.lower()
-             or "convert" in e.key.lower()]
-    return f"{len(names)} layout-conversion kernels" + (f": {', '.join(names[:5])}" if names else "")
-
-
-def recompiles(args, device, amp, classes, x, y):
-    import torch._dynamo
-
-    torch._dynamo.reset()
-    loop = loop_for(args, device, amp, classes, compile=True)
-    t0 = time.perf_counter()
-    train_epoch(loop, x, y, "compile 1")
-    first = time.perf_counter() - t0
-    ips = train_epoch(loop, x, y, "compile 2")[2]
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    return f"{frames} compiled graph(s) over two epochs; first epoch {first:.1f} s, then {ips:.0f} images/s"
+        train_epoch(loop, x[:n], y[:n], "profile")
+    found = {e.key: e.count for e in prof.key_averages() if CONVERSION.search(e.key)}
+    return {"launches in 4 steps": sum(found.values()), "kernels": sorted(found)[:5]}
 
 
 def cpu_state_resumed_here(args, device, amp, classes, x, y):
-    cpu = loop_for(args, torch.device("cpu"), None, classes)
-    train_epoch(cpu, x[: 2 * args.batch_size].cpu(), y[: 2 * args.batch_size].cpu(), "cpu")
+    """A last.pth made on a CPU (one step of two images: Adam's state has the weights' shapes whatever the
+    batch) continued on this device."""
+    cpu = loop_for(args, torch.device("cpu"), None, classes, batch_size=2)
+    train_epoch(cpu, x[:2].cpu(), y[:2].cpu(), "cpu")
     state = training_state(cpu, [], {})
     state["rng"]["cuda"] = None
     here = loop_for(args, device, amp, classes)
     here.model.load_state_dict(cpu.model.state_dict())
     restore_training_state(here, state)
-    train_epoch(here, x, y, "resumed")
-    return "a CPU-made Adam state resumed and stepped"
+    loss = train_epoch(here, x, y, "resumed", steps=2)[0]
+    return {"resumed and stepped": loss == loss}
 
 
 def deterministic_twice(args, device, amp, classes, x, y):
     losses = []
     for _ in range(2):
         runtime.setup(device.type, seed=0, deterministic=True)  # the same seeds, then the same run
-        losses.append(train_epoch(loop_for(args, device, amp, classes), x, y, "deterministic")[0])
+        losses.append(train_epoch(loop_for(args, device, amp, classes), x, y, "deterministic", steps=4)[0])
     torch.use_deterministic_algorithms(False)
-    return f"losses {losses[0]:.6f} and {losses[1]:.6f}: {'identical' if losses[0] == losses[1] else 'DIFFERENT'}"
+    return {"losses": losses, "identical": losses[0] == losses[1]}
+
+
+def compiled(args, figures):
+    import torch._dynamo
+
+    device, amp = runtime.setup("auto", seed=0)
+    x, y, *_, classes = images(args, device)
+    torch._dynamo.reset()
+    loop = loop_for(args, device, amp, len(classes), compile=args.backend == "inductor")
+    if args.backend != "inductor":  # the same step through dynamo, without inductor's code generation
+        loop.step_model = torch.compile(loop.model, backend=args.backend)
+    steps = len(y) // args.batch_size
+
+    def run():
+        first, _ = timed(device, lambda: train_epoch(loop, x, y, "compile 1"))
+        second, _ = timed(device, lambda: train_epoch(loop, x, y, "compile 2"))
+        return {"backend": args.backend, "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+                "first epoch s": round(first, 1),
+                "then images/s": round(steps * args.batch_size / second, 1)}
+    figures.part("torch.compile", run)
+
+
+def setup(args, figures):
+    """Versions and the device; with a GPU, tools/gpu_setup.py's check that torch and onnxruntime use it.
+    Without one the step fails, unless GPU_CHECK_ALLOW_CPU=1 (bench/gpu_check.sh's CPU run)."""
+    import os
+
+    import onnxruntime as ort
+
+    def describe():
+        gpu = torch.cuda.is_available()
+        return {"python": sys.version.split()[0], "torch": torch.__version__, "cuda build": torch.version.cuda,
+                "device": torch.cuda.get_device_name() if gpu else "cpu", "onnxruntime": ort.__version__,
+                "onnxruntime providers": ort.get_available_providers(),
+                "bf16": gpu and torch.cuda.is_bf16_supported(including_emulation=False)}
+
+    def gpu_check():
+        if not torch.cuda.is_available():
+            if os.environ.get("GPU_CHECK_ALLOW_CPU") == "1":
+                return "no GPU: the CPU run (GPU_CHECK_ALLOW_CPU=1)"
+            raise RuntimeError("torch sees no GPU (GPU_CHECK_ALLOW_CPU=1 runs the check on the CPU)")
+        import gpu_setup
+
+        try:
+            gpu_setup.check(cpu_onnxruntime=True)  # torch: stops, naming the fix, when it cannot use the GPU
+        except SystemExit as e:
+            raise RuntimeError(str(e.code)) from None
+        try:  # onnxruntime: reported, not a stop (a bundle made with --cpu-onnxruntime runs BR on the CPU)
+            gpu_setup.check(cpu_onnxruntime=False)
+            ort_cuda = "works"
+        except SystemExit as e:
+            ort_cuda = f"no: {e.code}"
+        return {"torch": "uses the GPU", "onnxruntime's CUDA provider": ort_cuda}
+    ok = figures.part("versions", describe)
+    return figures.part("GPU", gpu_check) and ok
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("part", choices=["setup", "breakdown", "compile"])
+    p.add_argument("--images", type=Path, help="<class>/<image> folders of training photos")
+    p.add_argument("--val", type=Path, help="validation photos (default: --images)")
     p.add_argument("--arch", default="vgg13_bn")
     p.add_argument("--img-size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--train", type=int, default=1100, help="training images per epoch")
+    p.add_argument("--originals", type=int, default=275, help="training originals (precise BN, train_acc)")
+    p.add_argument("--val-n", type=int, default=200, help="validation images")
+    p.add_argument("--bn-chunk", type=int, help="images per precise-BN pass (default: the stage's, by image size)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each kind (medians)")
+    p.add_argument("--backend", default="inductor",
+                   help="compile: torch.compile's backend (aot_eager: dynamo's graphs without inductor's code "
+                        "generation, which takes minutes on a small CPU)")
+    p.add_argument("--json", type=Path, help="write the figures here, after every part")
     args = p.parse_args()
-    device, amp = runtime.setup("auto", seed=0)
-    samples, classes = scan_labelled(args.images)
-    x, y, *_ = load_images(samples, args.img_size, Problems())
-    x, y = x.to(device), y.to(device)
-    print(runtime.describe(device, amp), f"; {len(y)} images at {args.img_size} px, {args.arch}")
-    loop = loop_for(args, device, amp, len(classes))
-    train_epoch(loop, x, y, "warm-up")
-    checks = {
-        "host syncs": lambda: syncs_per_step(loop, x, y),
-        "checkpoint keeper": lambda: with_and_without_keeper(args, loop, x, y, len(classes)),
-        "everything per epoch": lambda: everything_per_epoch(args, loop, x, y, len(classes)),
-        "layout conversions": lambda: conversion_kernels(loop, x, y),
-        "torch.compile": lambda: recompiles(args, device, amp, len(classes), x, y),
-        "CPU last.pth on this device": lambda: cpu_state_resumed_here(args, device, amp, len(classes), x, y),
-        "--deterministic twice": lambda: deterministic_twice(args, device, amp, len(classes), x, y),
-    }
-    for name, check in checks.items():
-        try:
-            print(f"{name:30s} {check()}", flush=True)
-        except Exception as e:  # report and go on: one run should show every item
-            print(f"{name:30s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
-    if device.type == "cuda":
-        FIGURES["peak GPU memory GiB"] = round(torch.cuda.max_memory_allocated() / 2**30, 1)
-        print(f"{'peak GPU memory':30s} {FIGURES['peak GPU memory GiB']} GiB")
-    if args.json:
-        args.json.write_text(json.dumps(FIGURES, indent=1))
+    if args.part != "setup" and not args.images:
+        p.error(f"{args.part} needs --images")
+    print(f"goal: {GOALS}", flush=True)
+    figures = Figures(args.json)
+    ok = {"setup": setup, "breakdown": breakdown, "compile": compiled}[args.part](args, figures)
+    failed = [name for name, value in figures.items() if isinstance(value, dict) and "error" in value]
+    return 1 if failed or ok is False else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,7 +3,11 @@ under torchrun, the process group (NCCL on GPUs, gloo on CPUs) and the few colle
 import contextlib
 import datetime
 import functools
+import ipaddress
 import os
+import shutil
+import socket
+import subprocess
 
 import torch
 import torch.distributed as dist
@@ -76,7 +80,42 @@ def join_cpu_group():
     """Join a gloo group of every torchrun worker, without a GPU (background removal's workers), whose
     waits have no practical time limit."""
     if not distributed():
+        check_gloo_interface()
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+
+
+def gloo_interface_problem(env=os.environ, hostname=None):
+    """What would stop gloo's workers on several machines from reaching each other, in one line; None
+    when nothing would. Without GLOO_SOCKET_IFNAME gloo binds to the address the hostname resolves to,
+    which on many Ubuntu hosts is 127.0.1.1 (/etc/hosts): the other machines then wait until a timeout.
+    Every multi-machine run needs gloo, also on GPUs (patient_group); one machine needs nothing."""
+    nodes_apart = int(env.get("WORLD_SIZE", 1)) > int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1)))
+    if not nodes_apart:
+        return None
+    present = [name for _, name in socket.if_nameindex()]
+    example = next((name for name in present if name != "lo"), present[0])
+    fix = (f"set GLOO_SOCKET_IFNAME (and NCCL_SOCKET_IFNAME on GPUs) to the interface the machines reach each "
+           f"other on, one of: {', '.join(present)} (e.g. GLOO_SOCKET_IFNAME={example})")
+    wanted = [name for name in env.get("GLOO_SOCKET_IFNAME", "").split(",") if name]
+    if wanted:
+        missing = [name for name in wanted if name not in present]
+        return f"GLOO_SOCKET_IFNAME names {', '.join(missing)}, which this machine lacks; {fix}" if missing else None
+    hostname = hostname or socket.gethostname()
+    try:
+        address = socket.gethostbyname(hostname)
+    except OSError as e:
+        return f"a run on several machines, and this machine's hostname {hostname!r} does not resolve ({e}); {fix}"
+    if ipaddress.ip_address(address).is_loopback:
+        return (f"a run on several machines, and gloo would bind to {address}, the loopback address this "
+                f"machine's hostname {hostname!r} resolves to, which the other machines cannot reach; {fix}")
+    return None
+
+
+def check_gloo_interface():
+    """Stop (exit 2) before a multi-machine process group is joined that would hang; see gloo_interface_problem."""
+    problem = gloo_interface_problem()
+    if problem:
+        raise UsageError(problem)
 
 
 def barrier():
@@ -90,9 +129,29 @@ def teardown():
         dist.destroy_process_group()
 
 
+def listed_gpus():
+    """The GPUs `nvidia-smi -L` lists ([] without nvidia-smi, or when it finds none). Not when the GPUs
+    are hidden on purpose (CUDA_VISIBLE_DEVICES empty or -1): then the CPU is what was asked for."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1") or not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line for line in out.splitlines() if line.startswith("GPU ")]
+
+
 def resolve_device(name):
+    """--device: auto is the GPU when torch sees one. On a machine whose GPU torch cannot use (a CPU-only
+    build, a driver older than the build needs), auto stops instead of training for hours on the CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+        gpus = listed_gpus() if name == "cpu" else []
+        if gpus:
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise UsageError(f"nvidia-smi lists {gpus[0].split(' (UUID')[0]}, but torch {torch.__version__} "
+                             f"({build}) cannot use it; bash tools/setup.sh names the torch build or driver "
+                             "this machine needs; to run on the CPU anyway, give --device cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for, but torch sees no GPU; use --device cpu")
     return torch.device(name)
@@ -127,6 +186,7 @@ def setup(device_name, seed, deterministic=False):
             torch.cuda.set_device(local)
         device = torch.device("cuda", torch.cuda.current_device())
     if (size > 1 or launched_by_torchrun()) and not distributed():
+        check_gloo_interface()
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     torch.manual_seed(seed)  # the same on every worker: the model is built alike (train.make_loop reseeds)
     if deterministic:

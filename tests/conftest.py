@@ -1,11 +1,14 @@
 """Shared test helpers: the repository's scripts run as a user runs them, on real photos."""
+import base64
 import contextlib
+import hashlib
 import io
 import os
 import runpy
 import subprocess
 import sys
 import traceback
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -89,3 +92,46 @@ def tiny_data(tmp_path):
     write_photo_set(data / "train", per_class=4, seed=1)
     write_photo_set(data / "val", per_class=2, seed=2)
     return data
+
+
+# A fake nvidia-smi for machines without the GPU a test plays: -L lists one H200; the plain call prints
+# the driver line (driver 560.35.03, CUDA 12.6) that tools/setup.sh reads.
+FAKE_DRIVER, FAKE_DRIVER_CUDA = "560.35.03", "12.6"
+FAKE_SMI = f'''#!/bin/sh
+case "$1" in
+  -L) echo "GPU 0: NVIDIA H200 (UUID: GPU-00000000-1111-2222-3333-444444444444)" ;;
+  --query-gpu=*) echo "{FAKE_DRIVER}" ;;
+  *) echo "| NVIDIA-SMI {FAKE_DRIVER}              Driver Version: {FAKE_DRIVER}      CUDA Version: {FAKE_DRIVER_CUDA}     |" ;;
+esac
+'''
+NO_DEVICE_SMI = '#!/bin/sh\necho "No devices were found"\nexit 6\n'
+
+
+def fake_nvidia_smi(folder, gpu=True):
+    """`folder`/nvidia-smi that lists a GPU (or finds none); returns `folder`, to put first on PATH."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "nvidia-smi").write_text(FAKE_SMI if gpu else NO_DEVICE_SMI)
+    (folder / "nvidia-smi").chmod(0o755)
+    return folder
+
+
+def wheel(folder, name, files=None, version="1.0", requires=(), tag="py3-none-any"):
+    """Write a minimal wheel for distribution `name` holding `files` {path: text} and depending on
+    `requires` (Requires-Dist lines); returns its path. pip installs it like any other."""
+    dist = f"{name.replace('-', '_')}-{version}"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(f"Requires-Dist: {r}\n"
+                                                                                   for r in requires)
+    files = {**(files or {}), f"{dist}.dist-info/METADATA": meta,
+             f"{dist}.dist-info/WHEEL": f"Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: {tag}\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}.dist-info/RECORD,,")
+    path = Path(folder) / f"{dist}-{tag}.whl"
+    with zipfile.ZipFile(path, "w") as z:
+        for name_in, text in files.items():
+            z.writestr(name_in, text)
+        z.writestr(f"{dist}.dist-info/RECORD", "\n".join(record) + "\n")
+    return path

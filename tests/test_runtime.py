@@ -1,12 +1,15 @@
 """The GPU-facing choices, checked on the CPU: number format, determinism, batch shapes, host syncs,
 optimizer state layout on resume, model names and CJK class names in pictures."""
 import os
+import socket
 
 import pytest
 import torch
 from torch import nn
 
+from conftest import fake_nvidia_smi, run_here
 from smalldata import runtime
+from smalldata.cli import UsageError
 from smalldata.data import batch_order
 from smalldata.settings import Optimiser
 from smalldata.train import make_loop, restore_training_state, train_epoch, training_state
@@ -139,3 +142,39 @@ def test_the_gpu_settings_train_on_the_cpu_bf16_autocast_channels_last_and_compi
     assert all(torch.isfinite(torch.tensor(v)) for v in (*first, *second))
     assert loop.model[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert counters["stats"]["unique_graphs"] == 1  # the last partial batch (2 of 10) never reaches the model
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="torch uses this machine's GPU: auto is the GPU")
+def test_auto_device_on_a_gpu_torch_cannot_use_stops_with_the_fix(tmp_path, monkeypatch, tiny_data):
+    """nvidia-smi lists a GPU, torch sees none: --device auto is an error naming the fix (exit 2, one line,
+    before any photo is decoded); --device cpu still trains; a GPU hidden on purpose means the CPU."""
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'gpu')}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(UsageError, match="nvidia-smi lists GPU 0: NVIDIA H200, but torch .* cannot use it"):
+        runtime.resolve_device("auto")
+    out = tmp_path / "out"
+    proc = run_here("model_1e-4.py", "--data", tiny_data, "--out", out, "--weights", "none", "--epochs", "1",
+                    "--arch", "resnet18", "--img-size", "32", "--batch-size", "4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.count("\n") == 1 and "--device cpu" in proc.stderr and "tools/setup.sh" in proc.stderr
+    assert not (out / "cache").exists(), "nothing decoded"
+    assert runtime.resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert runtime.resolve_device("auto") == torch.device("cpu")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'none', gpu=False)}{os.pathsep}{os.environ['PATH']}")
+    assert runtime.resolve_device("auto") == torch.device("cpu")  # nvidia-smi finds no GPU: the CPU, silently
+
+
+def test_several_machines_need_a_gloo_interface_they_can_reach():
+    """gloo binds to the hostname's address: on several machines a loopback one (127.0.1.1 on many Ubuntu
+    hosts) is refused with the interfaces to choose from; a named interface must exist; one machine
+    needs nothing."""
+    interfaces = [name for _, name in socket.if_nameindex()]
+    two_nodes = {"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}
+    problem = runtime.gloo_interface_problem(two_nodes, hostname="localhost")
+    assert "loopback" in problem and "GLOO_SOCKET_IFNAME" in problem and interfaces[0] in problem, problem
+    assert runtime.gloo_interface_problem({"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}, hostname="localhost") is None
+    assert runtime.gloo_interface_problem({}, hostname="localhost") is None
+    assert runtime.gloo_interface_problem({**two_nodes, "GLOO_SOCKET_IFNAME": interfaces[0]}, "localhost") is None
+    problem = runtime.gloo_interface_problem({**two_nodes, "GLOO_SOCKET_IFNAME": "nosuch9"}, hostname="localhost")
+    assert problem.startswith("GLOO_SOCKET_IFNAME names nosuch9, which this machine lacks"), problem

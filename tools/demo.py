@@ -153,17 +153,21 @@ def main():
     p.add_argument("--out", default="checkpoints")
     p.add_argument("--small", action="store_true", help="the CPU configuration even on a GPU")
     p.add_argument("--seed", type=int, default=0, help="the seed of OCM and both stage-1 runs")
+    p.add_argument("--epochs", type=int, nargs=2, metavar=("STAGE1", "STAGE2"),
+                   help="shorten the configuration's epochs (bench/gpu_check.sh: a whole demo in minutes)")
+    p.add_argument("--weights", choices=["auto", "none"], default="auto",
+                   help="auto: ImageNet weights when they can be had; none: from scratch, nothing downloaded")
     args = p.parse_args()
     import torch
 
     from smalldata import files, intervals
 
     kind = "gpu" if torch.cuda.is_available() and not args.small else "cpu"
-    cfg = CONFIGS[kind]
+    cfg = CONFIGS[kind] if not args.epochs else {**CONFIGS[kind], "epochs1": args.epochs[0], "epochs2": args.epochs[1]}
     data, out = (REPO / args.data).resolve(), (REPO / args.out).resolve()
     logs = out / "demo_logs"
     logs.mkdir(parents=True, exist_ok=True)
-    weights = "imagenet" if imagenet_weights_ready(cfg["arch"]) else "none"
+    weights = "imagenet" if args.weights == "auto" and imagenet_weights_ready(cfg["arch"]) else "none"
     print(f"demo configuration ({kind}): {cfg['arch']} at {cfg['img_size']} px, weights {weights}"
           + ("; the recipe's model is vgg13_bn at 256 px: on a CPU the demo trains a smaller one" if kind == "cpu" else ""))
     timings = []
