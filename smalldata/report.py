@@ -5,7 +5,7 @@ import sys
 from . import cache, files, intervals, plots, rule as rules, runtime
 from .cli import say
 from .model import count_parameters
-from .train import metric_columns, training_state
+from .train import metric_columns, rng_state, training_state
 
 
 def banner(run, weights_note):
@@ -46,7 +46,9 @@ def epoch_done(run, decision):
     run.state.update(decision=compact(decision), stopped_early=decision.stop,
                      marks={decision.chosen: "kept"} if decision.stop else {})
     write_progress(run)
-    run.keeper.save_last(row["epoch"], lambda optimizer: training_state(run.loop, run.history, run.state, optimizer))
+    ranks = runtime.gather(rng_state(run.loop))  # (every epoch, on every worker: a save is due on rank 0 alone)
+    run.keeper.save_last(row["epoch"], lambda optimizer: training_state(run.loop, run.history, run.state, optimizer,
+                                                                        ranks))
     say(f"epoch {row['epoch']:3d}  train {row['train_acc']:6.2f}%  val {row['val_acc']:6.2f}%  gap {row['gap']:6.2f}  "
         f"val_loss {row['val_loss']:.4f}  {row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s")
     if decision.stop:

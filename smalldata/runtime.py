@@ -76,6 +76,35 @@ def main_first():
         dist.barrier(group=group)
 
 
+def all_arrive():
+    """Wait, without a time limit, until every torchrun worker is here (nothing in a plain run). Called
+    after the data are loaded: NCCL's first collective (DDP's constructor) times out after 10 minutes,
+    and a worker reading a large decode cache from a slow file system may need longer."""
+    if distributed():
+        dist.barrier(group=patient_group())
+
+
+def same_everywhere(value, what):
+    """Refuse, on every torchrun worker alike, when the workers hold different integers `value`; `what`
+    says what the value is and what to do (one line)."""
+    if not distributed():
+        return
+    ends = torch.tensor([value, -value], dtype=torch.int64)
+    dist.all_reduce(ends, op=dist.ReduceOp.MIN, group=patient_group())
+    if int(ends[0]) != -int(ends[1]):
+        raise UsageError(f"the torchrun workers disagree: {what} ranges from {int(ends[0])} to {-int(ends[1])} "
+                         "across them")
+
+
+def gather(obj):
+    """Every worker's `obj`, in rank order (a small picklable object; [obj] in a plain run)."""
+    if not distributed():
+        return [obj]
+    out = [None] * world()[1]
+    dist.all_gather_object(out, obj, group=patient_group())
+    return out
+
+
 def join_cpu_group():
     """Join a gloo group of every torchrun worker, without a GPU (background removal's workers), whose
     waits have no practical time limit."""

@@ -12,18 +12,23 @@ from . import cli, files, plots, report, rule as rules, runtime, start
 from .cli import UsageError, say
 from .data import load_training_data
 from .keeper import Keeper
-from .train import make_loop, measure, measure_average, restore_training_state, train_epoch, training_state
+from .train import (fitting_bn_chunk, make_loop, measure, measure_average, restore_training_state, train_epoch,
+                    rng_state, training_state)
 
 
 def run_stage(spec):
     """Run a stage to its end (or continue it); returns the exit code."""
     paths = spec.paths()
     start.prepare(spec, paths)
+    device, amp = runtime.setup(spec.hardware.device, spec.optim.seed, spec.hardware.deterministic)
+    check_workers(spec, device)
     stored = start.previous_run(spec, paths)
+    runtime.same_everywhere(stored["epoch"] if stored else 0, f"the epoch each resumes after (--out {paths.out} "
+                            "must be a folder every worker reads: a shared file system)")
     if start.finished(stored, spec, paths):
         return start.restore_outputs(stored, paths)
     spec, begin = start.opened(spec, stored)
-    run = open_stage(spec, paths, stored, begin)
+    run = open_stage(spec, paths, stored, begin, (device, amp))
     decision = train_epochs(run)
     return finish(run, decision)
 
@@ -47,18 +52,17 @@ class StageRun:
         return self.keeper.writes
 
 
-def open_stage(spec, paths, stored, begin):
+def open_stage(spec, paths, stored, begin, device_amp):
     """Decode the data, build the model (fresh, from --init, or as the run continued left it), its loop
     and keeper; write args.json; say the banner."""
-    problems = cli.Problems()
-    device, amp = runtime.setup(spec.hardware.device, spec.optim.seed, spec.hardware.deterministic)
-    check_workers(spec, device)
+    problems, (device, amp) = cli.Problems(), device_amp
     d = spec.data
     with runtime.main_first():  # rank 0 writes the decode cache, the other workers read it
         data = load_training_data(d.data, spec.model.img_size, problems, start.classes_of(stored, begin, spec),
                                   not d.no_br, not d.no_ocm, d.watch, None if d.no_cache else d.cache_dir, device,
                                   d.data_on)
     model, meta, note = start.model(spec, data["classes"], stored, begin)
+    runtime.all_arrive()  # every worker has its data before DDP's first NCCL collective
     loop = make_loop(model, spec.optim, device, amp, meta["mean"], meta["std"], compile=spec.hardware.compile,
                      sync_bn=spec.hardware.sync_bn, candidates=spec.candidates)
     keeper = Keeper(paths, {**meta, "args": spec.to_json()}, spec.checkpoints.keep_all, writes=runtime.is_main())
@@ -71,17 +75,27 @@ def open_stage(spec, paths, stored, begin):
         keeper.restore(stored)
         run.history, run.state, run.first_epoch = list(stored["history"]), dict(stored["stage"]), stored["epoch"] + 1
         say(f"resuming after epoch {stored['epoch']} ({len(run.history)} epochs of history)")
+    loop.bn_chunk = run.state.setdefault("bn_chunk", fitting_bn_chunk(loop, data["orig"][0]))
     report.banner(run, note)
     return run
 
 
+MIN_PER_GPU = 16  # images per GPU and step below which BatchNorm's batch statistics need --sync-bn
+
+
 def check_workers(spec, device):
-    workers = runtime.world()[1]
-    if spec.optim.batch_size % workers:
-        raise UsageError(f"--batch-size {spec.optim.batch_size} is the global batch; it must divide among the "
-                         f"{workers} torchrun workers (try {spec.optim.batch_size - spec.optim.batch_size % workers or workers})")
+    """The global batch against the torchrun workers: it must divide among them, and on GPUs give each at
+    least MIN_PER_GPU images unless --sync-bn (BatchNorm's statistics of 2 images are noise)."""
+    workers, batch = runtime.world()[1], spec.optim.batch_size
+    if batch % workers:
+        raise UsageError(f"--batch-size {batch} is the global batch; it must divide among the {workers} torchrun "
+                         f"workers (try {batch - batch % workers or workers})")
     if spec.hardware.sync_bn and (workers == 1 or device.type != "cuda"):
         raise UsageError("--sync-bn is for torchrun runs on GPUs (PyTorch's SyncBatchNorm has no CPU version)")
+    if device.type == "cuda" and batch // workers < MIN_PER_GPU and not spec.hardware.sync_bn:
+        raise UsageError(f"--batch-size {batch} is the global batch: on {workers} GPUs each gets {batch // workers} "
+                         f"images a step, and BatchNorm normalises with the statistics of those alone; give "
+                         f"--batch-size {MIN_PER_GPU * workers} or more (and raise --lr with it), or --sync-bn")
 
 
 # ---------------------------------------------------------------- the epochs
@@ -149,7 +163,8 @@ def finish(run, decision):
     named |= set().union(*(a.held(epoch) for a in run.loop.averages.values()))
     run.keeper.kept = {e: v for e, v in run.keeper.kept.items() if e in named}
     run.state["outputs"] = {name: {"epoch": e, "own": averaged is not None} for name, (e, _, averaged) in outputs.items()}
-    run.keeper.save_last(epoch, lambda optimizer: training_state(run.loop, history, run.state, optimizer),
+    ranks = runtime.gather(rng_state(run.loop))
+    run.keeper.save_last(epoch, lambda optimizer: training_state(run.loop, history, run.state, optimizer, ranks),
                          finished=True)
     for name, (e, chosen, averaged) in outputs.items():
         run.keeper.name(run.paths.output(name), e, {"file": run.paths.output(name).name, "stage": run.spec.stage,

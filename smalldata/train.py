@@ -45,6 +45,7 @@ class Loop:
     precise_bn: bool = True
     augment: Augment = field(default_factory=Augment)
     averages: dict = field(default_factory=dict)  # name -> averages.Average, kept beside the trained weights
+    bn_chunk: int = 0  # images per precise-BN forward pass (0: bn_chunk of the image size; see fitting_bn_chunk)
 
     def __post_init__(self):
         self.scaler = runtime.grad_scaler(self.amp)
@@ -156,15 +157,38 @@ def batchnorm_layers(model, probe):
 
 
 def bn_chunk(img_size):
-    """Images per forward pass of the precise-BN computation: 128 at 256 px (VGG-13's largest
-    activation is then about 3 GB in float32), more for smaller photos. Fixed by the image size, never
-    by the free memory: how the images are grouped changes the last bits of the statistics, and a
-    resumed run must repeat an uninterrupted one exactly."""
+    """Images per forward pass of the precise-BN computation on a CPU: 128 at 256 px, more for smaller
+    photos. Fixed by the image size: how the images are grouped changes the last bits of the statistics,
+    and a resumed run must repeat an uninterrupted one exactly."""
     return max(8, 128 * 256 * 256 // (img_size * img_size))
 
 
+@torch.no_grad()
+def fitting_bn_chunk(loop, x_all):
+    """Images per precise-BN forward pass for this run: on a GPU as many as half its free memory holds (a
+    probe of 8 images measures what one takes; the same number on every torchrun worker), so that 275
+    originals at 256 px take one pass instead of one per BatchNorm layer; on a CPU bn_chunk. Measured once,
+    when the run starts, and kept in its state: a resumed run uses the same (see bn_chunk)."""
+    size = x_all.shape[-1]
+    if loop.device.type != "cuda" or not len(x_all):
+        return bn_chunk(size)
+    probe = _images(loop, x_all, torch.arange(min(8, len(x_all))))
+    torch.cuda.synchronize(loop.device)
+    before = torch.cuda.memory_allocated(loop.device)
+    torch.cuda.reset_peak_memory_stats(loop.device)
+    loop.model.eval()
+    with runtime.autocast(loop.device, loop.amp):
+        loop.model(probe.float())
+    per_image = max(1, (torch.cuda.max_memory_allocated(loop.device) - before) // len(probe))
+    chunk = torch.tensor(max(8, int(0.5 * torch.cuda.mem_get_info(loop.device)[0] // (2 * per_image))))
+    return int(runtime.all_min(chunk.to(loop.device)).item())  # (x2: precise BN keeps float32 copies of inputs)
+
+
 def _moments(x):
-    """(count, sum, sum of squares) per channel of a BatchNorm input, in float64 (float32 inside a batch)."""
+    """(count, sum, sum of squares) per channel of a BatchNorm input, in float64 (float32 inside a batch);
+    zeros for no images (a torchrun worker whose share is empty adds nothing, rather than NaN)."""
+    if x.shape[0] == 0:
+        return torch.zeros(1 + 2 * x.shape[1], device=x.device, dtype=torch.float64)
     dims = [0] + list(range(2, x.dim()))
     var, mean = torch.var_mean(x.float(), dims, correction=0)
     count = x.numel() // x.shape[1]
@@ -203,7 +227,7 @@ def precise_bn(loop, x_all, model=None, chunk=None):
         layers = batchnorm_layers(model, probe)
         if not layers:
             return
-        chunk = chunk or bn_chunk(probe.shape[-1])
+        chunk = chunk or loop.bn_chunk or bn_chunk(probe.shape[-1])
         single = torch.tensor(float(len(share) <= chunk), device=loop.device)
         runtime.all_min(single)  # every worker takes the same way
         if single.item():
@@ -316,21 +340,27 @@ def measure_average(loop, data, average):
 
 # ---------------------------------------------------------------- what --resume needs
 
-def training_state(loop, history, stage, optimizer=True):
-    """Everything last.pth adds to the weights: optimizer and scaler (unless not `optimizer`), RNG
-    states, history, the stage's own state."""
+def rng_state(loop):
+    """This worker's random state: the CPU's and its GPU's (dropout: each worker its own), and the shared
+    generator of batch order and augmentation."""
+    # (this worker's GPU only: a resume may see fewer GPUs than the run had)
+    return {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None}
+
+
+def training_state(loop, history, stage, optimizer=True, ranks=None):
+    """Everything last.pth adds to the weights: optimizer and scaler (unless not `optimizer`), the random
+    state (`ranks`: every torchrun worker's, in rank order, from runtime.gather), history, the stage's state."""
     # (device copies: checkpoint.save moves them to the host on the keeper's writer thread)
     return {"model": loop.model, "optimizer": checkpoint.snapshot(loop.optimizer.state_dict()) if optimizer else None,
             "scaler": loop.scaler.state_dict() if optimizer and loop.scaler.is_enabled() else None,
-            "rng": {"torch": torch.get_rng_state(), "generator": loop.generator.get_state(),
-                    # this worker's GPU only: a resume may see fewer GPUs than the run had
-                    "cuda": torch.cuda.get_rng_state(loop.device) if loop.device.type == "cuda" else None},
-            "history": list(history), "stage": dict(stage),
+            "rng": rng_state(loop), "rng_ranks": ranks, "history": list(history), "stage": dict(stage),
             "averages": {name: a.state_dict() for name, a in loop.averages.items()}}
 
 
 def restore_training_state(loop, ckpt):
-    """Continue from a last.pth exactly: optimizer (in each parameter's memory layout), scaler, RNG.
+    """Continue from a last.pth exactly: optimizer (in each parameter's memory layout), scaler, RNG (each
+    torchrun worker its own, when the run had as many workers).
     A finished stage's last.pth has no optimizer state (see Keeper.save_last): Adam then starts afresh."""
     if ckpt.get("optimizer"):
         loop.optimizer.load_state_dict(ckpt["optimizer"])
@@ -344,9 +374,12 @@ def restore_training_state(loop, ckpt):
     for name, state in ckpt.get("averages", {}).items():
         if name in loop.averages:
             loop.averages[name].load_state_dict(state)
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    loop.generator.set_state(ckpt["rng"]["generator"])
-    restore_cuda_rng(ckpt["rng"].get("cuda"), loop.device)
+    rank, workers, _ = runtime.world()
+    ranks = ckpt.get("rng_ranks") or []
+    rng = ranks[rank] if len(ranks) == workers else ckpt["rng"]  # (another number of workers: rank 0's)
+    torch.set_rng_state(rng["torch"])
+    loop.generator.set_state(rng["generator"])
+    restore_cuda_rng(rng.get("cuda"), loop.device)
 
 
 def restore_cuda_rng(saved, device):

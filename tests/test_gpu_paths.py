@@ -1,11 +1,16 @@
-"""The CUDA and multi-process paths, as far as a CPU can show them (issue: first GPU box, round two):
-per-worker dropout with a shared augmentation draw, the GPU random state of a run resumed on fewer GPUs,
-float32 logits under bf16 autocast, and temporaries on a file system shared between machines."""
+"""The CUDA and multi-process paths, as far as a CPU can show them: per-worker dropout with a shared
+augmentation draw, kept across a resume; the GPU random state of a run resumed on fewer GPUs; float32
+logits under bf16 autocast; workers that wait for the slowest to load, agree on where they resume, and
+add nothing (not NaN) to precise BN when their share is empty; the per-GPU batch; temporaries on a file
+system shared between machines."""
 import json
+import math
 import os
+import subprocess
 import sys
 import time
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -119,3 +124,55 @@ def test_the_drawing_helper_ends_when_the_process_that_started_it_is_killed(tmp_
         time.sleep(0.1)
     else:
         raise AssertionError(f"the helper {helper} outlived its killed parent by 10 s")
+
+
+def test_every_worker_waits_for_the_slowest_to_load_before_the_first_collective(tmp_path):
+    worker = REPO / "tests" / "ddp_worker.py"
+    waited = torchrun(worker, tmp_path / "wait.txt", "arrive", "wait", workers=3)
+    assert waited.returncode == 0 and (tmp_path / "wait.txt").read_text() == "ok 3", waited.stderr[-2000:]
+    rushed = torchrun(worker, tmp_path / "rush.txt", "arrive", "no-wait", workers=3)  # the defect, for contrast
+    assert rushed.returncode != 0 and not (tmp_path / "rush.txt").exists()
+
+
+def test_workers_that_would_resume_after_different_epochs_are_refused_alike(tmp_path):
+    r = torchrun(REPO / "tests" / "ddp_worker.py", tmp_path / "said", "agree", workers=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    said = [(tmp_path / f"said.{rank}").read_text() for rank in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("UsageError: the torchrun workers disagree: the epoch each "
+                                                     "resumes after ranges from 0 to 1")
+
+
+def test_after_a_resume_each_worker_draws_its_own_dropout_as_if_never_stopped(tmp_path):
+    r = torchrun(REPO / "tests" / "ddp_worker.py", tmp_path / "rng.json", "rng", workers=2)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = json.loads((tmp_path / "rng.json").read_text())
+    assert a["resumed"] == a["uninterrupted"] and b["resumed"] == b["uninterrupted"]
+    assert a["resumed"] != b["resumed"]  # (rank 0's state restored everywhere made them equal)
+
+
+def test_precise_bn_with_a_worker_whose_share_is_empty_gives_the_one_process_statistics(tmp_path):
+    worker = REPO / "tests" / "ddp_worker.py"
+    one = subprocess.run([sys.executable, worker, tmp_path / "one.json", "bn", "8", "1"], capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = torchrun(worker, tmp_path / "two.json", "bn", "8", "1", workers=2)  # one image: worker 1 gets none
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    for k in a:
+        assert all(math.isfinite(v) for v in b[k]), k
+        assert max(abs(x - y) for x, y in zip(a[k], b[k])) < 1e-5, k
+
+
+def test_a_small_per_gpu_batch_is_refused_unless_batchnorm_is_synchronised(monkeypatch):
+    from types import SimpleNamespace
+
+    from smalldata.cli import UsageError
+    from smalldata.stage import check_workers
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    spec = SimpleNamespace(optim=SimpleNamespace(batch_size=32), hardware=SimpleNamespace(sync_bn=False))
+    with pytest.raises(UsageError, match="each gets 2 images a step.*--batch-size 256 or more.*--sync-bn"):
+        check_workers(spec, torch.device("cuda"))
+    check_workers(SimpleNamespace(optim=SimpleNamespace(batch_size=256), hardware=spec.hardware), torch.device("cuda"))
+    check_workers(SimpleNamespace(optim=spec.optim, hardware=SimpleNamespace(sync_bn=True)), torch.device("cuda"))
+    check_workers(spec, torch.device("cpu"))  # (a CPU has no SyncBatchNorm; CPU runs are for tests)
