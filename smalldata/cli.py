@@ -16,12 +16,17 @@ import traceback
 from pathlib import Path
 
 # 0 done; 1 done, but some inputs were skipped; 2 nothing done (the message says what to do);
-# 70 a bug (an unexpected error: the traceback is in the log); 130 interrupted.
-EXIT_OK, EXIT_SKIPPED, EXIT_FAIL, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 70, 130
+# 3 training went non-finite and stopped (the last finite state is kept); 70 a bug (an unexpected
+# error: the traceback is in the log); 130 interrupted.
+EXIT_OK, EXIT_SKIPPED, EXIT_FAIL, EXIT_NONFINITE, EXIT_BUG, EXIT_INTERRUPTED = 0, 1, 2, 3, 70, 130
 
 
 class UsageError(Exception):
     """Nothing can be done: bad arguments, missing model or folders. The message says what to do."""
+
+
+class NonFiniteError(Exception):
+    """Training produced NaN or inf; the message says what, where, what was kept and what to try."""
 
 
 class InputError(Exception):
@@ -262,6 +267,10 @@ def run(main):
         print(f"{where}error: {e}", file=sys.stderr)
         log(f"error: {e}")
         code = EXIT_FAIL
+    except NonFiniteError as e:
+        print(f"{where}error: {e}", file=sys.stderr)
+        log(f"error: {e}")
+        code = EXIT_NONFINITE
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
         log("interrupted")

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import cli, files, plots, report, rule as rules, runtime, start
-from .cli import UsageError, say
+from .cli import NonFiniteError, UsageError, say
 from .data import load_training_data
 from .keeper import Keeper
 from .train import (fitting_bn_chunk, make_loop, measure, measure_average, restore_training_state, train_epoch,
@@ -109,7 +109,10 @@ def train_epochs(run):
     decision = None
     for epoch in range(run.first_epoch, spec.optim.epochs + 1):
         t0 = time.perf_counter()
-        aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{spec.optim.epochs}")  # train
+        try:
+            aug = train_epoch(loop, *data["train"], desc=f"epoch {epoch}/{spec.optim.epochs}")  # train
+        except NonFiniteError as e:
+            raise NonFiniteError(stopped(run, epoch, e)) from None
         row = measure(loop, data, epoch, time.perf_counter() - t0, aug)  # measure
         if spec.candidates.candidates_each_epoch:
             row.update(measure_candidates(run, epoch))
@@ -120,6 +123,17 @@ def train_epochs(run):
         if decision.stop:
             break
     return decision or observe(run)
+
+
+def stopped(run, epoch, error):
+    """One line for a stage that went non-finite: nothing more is written; the last finite state stays."""
+    run.keeper.close()  # (a last.pth being written lands whole: it holds finite weights)
+    plots.stop_helper()
+    last = f"{run.paths.last} (epoch {run.history[-1]['epoch']})" if run.paths.last.exists() and run.history else None
+    lr = run.spec.optim.lr
+    return (f"epoch {epoch}: {error}; training stopped and nothing was written under a kept name; "
+            + (f"the last finite state is {last}" if last else "no checkpoint had been written yet")
+            + f". Try a lower --lr (now {lr:g}; e.g. {lr / 10:g})" + (" with --fresh" if last else ""))
 
 
 def measure_candidates(run, epoch):

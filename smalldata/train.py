@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from . import augment, averages, checkpoint, runtime
 from .augment import Augment
+from .cli import NonFiniteError
 from .data import Normalize, batch_order, device_batches
 from .model import fp32_head
 
@@ -80,9 +81,10 @@ def make_loop(model, opt, device, amp, mean, std, *, compile=False, sync_bn=Fals
 def train_epoch(loop, x_all, y_all, desc="train", steps=None):
     """One pass over the training images with augmentation; returns (loss, acc %, images/s).
 
-    The last partial batch is dropped (see batch_order). Images/s leave out the first step,
-    which holds torch.compile's compilation and cuDNN's kernel search. `steps` stops early
-    (benchmarks only).
+    The last partial batch is dropped (see batch_order). Images/s are over the whole epoch, up to its one
+    host sync (a first epoch holds torch.compile's compilation and cuDNN's kernel search; on a GPU, work
+    is queued, so leaving out the first step's images but not its queued time would read low). `steps`
+    stops early (benchmarks only).
     """
     loop.model.train()
     rank, workers, _ = runtime.world()
@@ -94,6 +96,7 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
     order = torch.cat(mine).to(loop.device, non_blocking=True).split([len(b) for b in mine])  # one copy per epoch
     loss_sum = torch.zeros((), device=loop.device)
     correct = torch.zeros((), device=loop.device, dtype=torch.long)
+    first_bad = torch.full((), -1, device=loop.device, dtype=torch.long)  # the first step whose loss was not finite
     start = shown = time.perf_counter()
     bar = tqdm(order, desc=desc, unit="batch", leave=False, file=sys.stdout, disable=rank != 0)
     for step, (idx, x_uint8) in enumerate(zip(bar, device_batches(x_all, mine, order, loop.device))):
@@ -109,19 +112,21 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
         for average in loop.averages.values():
             average.after_step(loop.model, len(batches))
         loss_sum += loss.detach().float() * len(idx)  # accumulated on the device: no host sync per step
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss.detach()), step, first_bad)
         correct += (logits.argmax(1) == y).sum()
-        if step == 0:
-            timed_from = time.perf_counter()
         if time.perf_counter() - shown > BAR_EVERY_S and rank == 0:  # the bar's numbers: one host sync a second
             shown, seen = time.perf_counter(), sum(len(b) for b in mine[:step + 1])
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{100.0 * correct.item() / seen:.1f}%",
                             refresh=False)
     seen = sum(sizes)
-    loss_sum, correct = runtime.all_sum(loss_sum, correct)  # over the workers (torchrun)
+    broken = (~torch.stack([torch.isfinite(p).all() for p in loop.model.parameters()]).all()).double()
+    loss_sum, correct, broken = runtime.all_sum(loss_sum, correct, broken)  # over the workers (torchrun)
     loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # the one sync of the epoch
-    timed = time.perf_counter() - timed_from
-    ips = (seen - sizes[0]) / timed if len(sizes) > 1 and timed > 0 else seen / (time.perf_counter() - start)
-    return loss, acc, ips
+    if not math.isfinite(loss) or broken.item():
+        step = int(first_bad.item())
+        raise NonFiniteError(("the training loss became " + ("NaN or inf at step " f"{step + 1} of {len(sizes)}"
+                              if step >= 0 else "finite but the weights did not")) + " of this epoch")
+    return loss, acc, seen / max(time.perf_counter() - start, 1e-9)
 
 
 def _batches(loop, x_all, shard=False):

@@ -206,3 +206,11 @@ def test_streaming_from_the_cache_trains_exactly_as_the_set_in_memory(data_with_
     assert rows(tmp_path / "a") == rows(tmp_path / "b") and len(rows(tmp_path / "a")) == 2
     wa, wb = (checkpoint.load(tmp_path / x / "stage1/last.pth")["model"] for x in "ab")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_training_that_goes_non_finite_stops_with_exit_3_and_keeps_no_nan_weights(tiny_data, tmp_path):
+    out = tmp_path / "ck"
+    r = run_script("model_1e-4.py", "--data", tiny_data, "--out", out, "--epochs", "3", "--no-br", "--no-ocm",
+                   "--arch", "resnet18", *SMALL, "--lr", "1e30", check=3)  # finite, but the weights blow up
+    assert "epoch 1: the training loss became NaN or inf at step" in r.stderr and "Try a lower --lr" in r.stderr
+    assert not list(out.glob("*.pth")) and not list((out / "stage1").rglob("*.pth"))  # nothing under a kept name
