@@ -78,10 +78,10 @@ def build_parser():
     cli.add_device_arg(p)
     p.add_argument("--providers", help="onnxruntime execution providers, comma list (overrides --device), "
                                        "e.g. CUDAExecutionProvider,CPUExecutionProvider")
-    p.add_argument("--threads", type=cli.nonnegative_int, default=0,
+    p.add_argument("--threads", type=cli.at_most(cli.nonnegative_int, 256), default=0,
                    help="onnxruntime intra-op threads per inference; 0 = auto: CPU cores/4, at least 1; "
                         "all cores on a GPU")
-    p.add_argument("--workers", type=cli.nonnegative_int, default=0,
+    p.add_argument("--workers", type=cli.at_most(cli.nonnegative_int, 256), default=0,
                    help="threads that decode, composite, encode and write around the model; 0 = auto")
     p.add_argument("--shard", type=background.parse_shard, metavar="I/N",
                    help="do only the I-th of N shares of the photos (0-based; by a checksum of each relative "

@@ -237,6 +237,16 @@ def nonnegative_int(text):
     return _number(int, text, 0, True, "0 or more")
 
 
+def at_most(kind, limit):
+    """An argument type: `kind` (positive_int...) and no more than `limit`."""
+    def checked(text):
+        value = kind(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {text}")
+        return value
+    return checked
+
+
 def positive_float(text):
     return _number(float, text, 0.0, False, "positive")
 
