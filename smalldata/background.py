@@ -505,11 +505,11 @@ def mark_complete(opt, all_jobs, classes, sources, shard=None):
     dst = Path(opt.dst)
     for cls in classes:  # every class folder, even one whose photos all failed
         (dst / cls).mkdir(parents=True, exist_ok=True)
-    if shard is not None:
-        mark = hashlib.sha256(json.dumps([asked(opt), sources], sort_keys=True).encode()).hexdigest()
-        files.write_text(share_mark(dst, shard), mark)
+    if shard is not None:  # (the mark: a digest of the arguments and the photos, the same for every share)
+        mark = {"made_with": hashlib.sha256(json.dumps([asked(opt), sources], sort_keys=True).encode()).hexdigest()}
+        files.write_json(share_mark(dst, shard), mark)
         marks = [share_mark(dst, (i, shard[1])) for i in range(shard[1])]
-        if not all(m.is_file() and m.read_text() == mark for m in marks):
+        if not all(m.is_file() and json.loads(m.read_text()) == mark for m in marks):
             say(f"share {shard[0]}/{shard[1]} done; {dst} is complete once every share has run")
             return
     made = records.listing(dst, [out for _, out, _ in all_jobs if out.exists()])

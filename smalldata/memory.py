@@ -20,28 +20,22 @@ def host_available():
     """Bytes this process may still take: the least of the RAM the kernel calls available, what the
     process's cgroup (a container, a systemd slice) still allows, and the address space left under
     `ulimit -v`."""
-    limits = [_meminfo("MemAvailable")]
-    limits.append(_cgroup_room())
+    limits = [_proc_bytes("/proc/meminfo", "MemAvailable"), _cgroup_room()]
     soft, _ = resource.getrlimit(resource.RLIMIT_AS)
     if soft != resource.RLIM_INFINITY:
-        limits.append(soft - _status_bytes("VmSize"))
+        limits.append(soft - (_proc_bytes("/proc/self/status", "VmSize") or 0))
+    if limits[0] is None:  # (no /proc: what sysconf says is free)
+        limits[0] = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     return max(0, min(v for v in limits if v is not None))
 
 
-def _meminfo(key):
+def _proc_bytes(path, key):
+    """A "Key: N kB" line of a /proc file, in bytes; None without it."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
     except (OSError, StopIteration):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _status_bytes(key):
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
-    except (OSError, StopIteration):
-        return 0
+        return None
 
 
 def _cgroup_room():

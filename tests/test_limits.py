@@ -59,7 +59,10 @@ def test_the_largest_value_named_fits_and_one_more_does_not():
 
 @pytest.mark.parametrize("what, allocation, resource", [
     ("numpy", "numpy.empty(10**15, numpy.uint8)", "out of RAM"),
-    ("torch on the CPU", "torch.empty(10**15, dtype=torch.uint8)", "out of RAM")])
+    ("torch on the CPU", "torch.empty(10**15, dtype=torch.uint8)", "out of RAM"),
+    # (no GPU here: the error CUDA's caching allocator raises, raised as it raises it)
+    ("torch on a GPU", "(_ for _ in ()).throw(torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 80 GiB'))",
+     "out of GPU memory")])
 def test_running_out_of_memory_is_exit_2_with_the_flag_to_change_not_a_bug(what, allocation, resource):
     code = (f"import sys; sys.path.insert(0, {str(REPO)!r})\nimport numpy, torch\nfrom smalldata import cli\n"
             f"cli.run(lambda argv: {allocation}, memory_hint='lower --img-size')")
