@@ -713,13 +713,13 @@ def hostile(kind, path, marker, classes, real=None):
     return path
 
 
-LOADERS = {  # entry point -> the arguments around the checkpoint path
+LOADERS = {  # entry point -> the arguments around the checkpoint path (originals only: the data has no br, ocm)
     (S1, "--weights"): ("--arch", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "8",
-                        "--device", "cpu", "--weights"),
+                        "--device", "cpu", "--no-br", "--no-ocm", "--weights"),
     (S1, "--resume"): ("--arch", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "8",
-                       "--device", "cpu", "--weights", "none", "--resume"),
-    (S2, "--init"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--init"),
-    (S2, "--resume"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--resume"),
+                       "--device", "cpu", "--no-br", "--no-ocm", "--weights", "none", "--resume"),
+    (S2, "--init"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-br", "--no-ocm", "--init"),
+    (S2, "--resume"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-br", "--no-ocm", "--resume"),
     (SCORE, "--checkpoint"): ("--device", "cpu", "--checkpoint"),
 }
 PAYLOADS = ["pickle payload (torch zip)", "pickle payload (plain pickle)"]
@@ -769,6 +769,7 @@ def test_a_foreign_or_truncated_checkpoint_gives_a_clear_error(kind, loader, sma
     said = stderr_line(r.stderr, "error:") or r.stderr.strip().splitlines()[-1][:90]
     reliability("hostile file", kind, " ".join(loader), f"exit {r.returncode}: {said[:100]}")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "foreign.pth" in said, said  # refused for the file itself, not for something else in the run
     assert not list(Path(tmp_path / "out").rglob("*.pth"))
 
 
