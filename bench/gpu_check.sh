@@ -39,8 +39,9 @@ step readiness 150 "$py" bench/gpu_readiness.py --images "$photos" --json "$resu
 step train_speed 120 "$py" bench/train_speed.py --images "$photos" --json "$results/train_speed.json"
 step br 90 "$py" make_remove_background.py --src "$photos" --dst "$results/br" --model u2netp --fallback copy --fresh
 step torchrun1 90 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 model_1e-4.py --data data \
-  --out "$results/torchrun1" --epochs 3 --weights none --fresh
-step stream 90 "$py" model_1e-4.py --data data --out "$results/stream" --epochs 3 --weights none --data-on stream --fresh
+  --out "$results/torchrun1" --epochs 3 --weights none --no-br --no-ocm --fresh
+step stream 90 "$py" model_1e-4.py --data data --out "$results/stream" --epochs 3 --weights none --no-br --no-ocm \
+  --data-on stream --fresh
 step demo 420 "$py" tools/demo.py --out "$results/demo"
 
 "$py" - "$results" <<'EOF'
