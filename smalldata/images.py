@@ -67,14 +67,14 @@ def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
     try:
         with Image.open(path) as img:  # (reads the header only)
             if img.width * img.height > MAX_PIXELS:
-                raise BadImage(path, too_many_pixels(f"{img.width}x{img.height} is {img.width * img.height:,} pixels"))
+                raise BadImage(path, too_many_pixels(f"{img.width}x{img.height} = {img.width * img.height:,}"))
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img, background)
     except BadImage:
         raise
     except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it inside Image.open
-        raise BadImage(path, too_many_pixels(f"over {2 * MAX_PIXELS:,} pixels")) from None
+        raise BadImage(path, too_many_pixels(f"more than {2 * MAX_PIXELS:,}")) from None
     except Image.UnidentifiedImageError:  # (Pillow says this of a zero-byte file too)
         raise BadImage(path, "empty file" if _is_empty(path) else "not an image file (unknown format)") from None
     except (OSError, ValueError, SyntaxError) as e:
@@ -85,9 +85,9 @@ def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
         raise BadImage(path, reason) from None
 
 
-def too_many_pixels(size):
-    return (f"refused as a possible decompression bomb: too many pixels ({size}, over the {MAX_PIXELS:,}-pixel "
-            "limit; --max-pixels raises it)")
+def too_many_pixels(count):
+    return (f"refused as a possible decompression bomb: too many pixels ({count}; the limit is {MAX_PIXELS:,}, "
+            "--max-pixels raises it)")
 
 
 def _is_empty(path):
