@@ -6,17 +6,21 @@
 The architecture, classes, image size and normalisation come from the checkpoint.
 A labelled folder (<class>/<image>) prints top-1 (and top-5 with more than 5 classes)
 accuracy, macro-averaged recall and the most confused class pairs, and writes
-score.json, predictions.csv, per_class.csv, confusion.png and mistakes.png to --out.
+score.json, predictions.csv, per_class.csv, confusion.png and mistakes.png to --out/<name of
+the scored folder>/ (checkpoints/score/val/, checkpoints/score/test/: each folder keeps its own).
 A flat folder of images gets predictions.csv only (file, predicted, confidence, top5).
 
 Exit codes: 0 done; 1 done, but some files were skipped (each named on stderr);
-2 nothing done (missing or refused checkpoint, missing folder, unknown class).
+2 nothing done (missing or refused checkpoint, missing folder, unknown class, the score folder
+in use by another run).
 """
-from smalldata import cli, score
+from smalldata import cli, images, score
 
 
 def main(argv=None):
-    return score.run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    images.set_max_pixels(args.max_pixels)
+    return score.run(args)
 
 
 def build_parser():
@@ -26,7 +30,7 @@ def build_parser():
     p.add_argument("--data", type=cli.existing_dir, default="data/val",
                    help="labelled folder <class>/<image>, or a flat folder of images to predict")
     p.add_argument("--out", type=cli.output_dir, default="checkpoints/score",
-                   help="folder for the score, predictions and pictures")
+                   help="folder for the scores: each scored folder gets its own sub-folder, named after it")
     p.add_argument("--batch-size", type=cli.positive_int, default=64, help="images per forward pass")
     p.add_argument("--tta", action="store_true",
                    help="test-time augmentation: average the softmax of each image and its mirror image")
@@ -36,8 +40,9 @@ def build_parser():
                         "stages keep theirs)")
     p.add_argument("--no-cache", action="store_true", help="decode every photo; read and write no decode cache")
     cli.add_device_arg(p)
+    images.add_max_pixels_arg(p)
     return p
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, memory_hint="lower --batch-size")

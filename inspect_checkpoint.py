@@ -10,12 +10,13 @@ The ONNX model takes normalised float32 N x 3 x S x S images and returns logits;
 classes, image size, mean, std and the preprocessing. Exit codes: 0 done; 2 nothing done (missing or
 refused file, or an export whose outputs differ from PyTorch's).
 """
-from smalldata import cli, inspection
+from smalldata import cli, images, inspection
 from smalldata.cli import say
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    images.set_max_pixels(args.max_pixels)
     for line in inspection.summary(args.checkpoint):
         say(line)
     if args.compare:
@@ -38,6 +39,7 @@ def build_parser():
                    help="export the model to ONNX and check onnxruntime's outputs against PyTorch's")
     p.add_argument("--photos", type=cli.existing_dir,
                    help="photos for the ONNX check (default: the checkpoint's data/val, else random inputs)")
+    images.add_max_pixels_arg(p)
     return p
 
 

@@ -5,20 +5,23 @@ another photo of the same class, so the label stays true while the model sees ne
     python make_cutmix.py --src data/train --src data/br --preview ocm_preview.png  # boxes from BR copies too
 
 Writes <dst>/<class>/ocm_<NNNNN>.png, <dst>/manifest.csv (base photo, patch photo, box and lambda of
-each image) and <dst>/ocm_args.json (arguments + source fingerprint). The same command again skips
+each image), <dst>/ocm_args.json (arguments + source fingerprint) and, last, <dst>/complete.json (what
+was asked, the source photos and every file made: training reads it). The same command again skips
 what exists; different arguments into a non-empty --dst are refused unless --overwrite is given.
+One run writes into --dst at a time; a second is refused.
 Exit codes: 0 done, 1 some inputs skipped (named on stderr), 2 nothing done.
 """
 import argparse
 from pathlib import Path
 
-from smalldata import cli, cutmix
+from smalldata import cli, cutmix, images
 
 DEFAULT_SRC = "data/train"
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    images.set_max_pixels(args.max_pixels)
     if not args.src and not Path(DEFAULT_SRC).is_dir():  # (a repeatable flag has no default argparse checks)
         raise cli.UsageError(f"{DEFAULT_SRC} not found: put your photos in {DEFAULT_SRC}/<class>/<image>, "
                              "or give --src DIR")
@@ -49,8 +52,9 @@ def build_parser():
     p.add_argument("--preview", metavar="PATH.png",
                    help="also write a contact sheet of a sample: base A, patch B, result with the box drawn")
     p.add_argument("--preview-rows", type=cli.positive_int, default=8, help="images shown in the --preview sheet")
+    images.add_max_pixels_arg(p)
     return p
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, memory_hint="lower --img-size")

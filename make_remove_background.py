@@ -11,9 +11,11 @@ Many GPUs or machines: `torchrun --standalone --nproc_per_node=N make_remove_bac
 
 Exit codes: 0 all done; 1 finished, but some inputs were skipped (not images, corrupt, outside a
 class folder, or no object found: each named on stderr, then a summary line); 2 nothing done
-(bad arguments, missing model or folders). Reruns skip outputs that exist (--overwrite redoes);
-<dst>/args.json records the arguments, and a rerun with others is refused unless --fresh. Refused
-and failed photos are listed in <dst>/skipped.csv, what was said in <dst>/log.txt.
+(bad arguments, missing model or folders, --dst in use by another run). Reruns skip outputs that exist
+(--overwrite redoes); <dst>/args.json records the arguments, and a rerun with others is refused
+unless --fresh. Refused and failed photos are listed in <dst>/skipped.csv, what was said in
+<dst>/log.txt. When every photo has been dealt with, <dst>/complete.json records what was asked, the
+source photos and the images made; training refuses a --dst without it (an unfinished run).
 
 No object found, or found unsure: when the share of pixels the mask calls object (mask > 127) is
 below --min-fg or above --max-fg, or when the mask is unsure of the object (of the pixels it touches,
@@ -23,12 +25,13 @@ written instead (named on stderr, not a skip).
 """
 from pathlib import Path
 
-from smalldata import background, cli, rembg_api
+from smalldata import background, cli, images, rembg_api
 
 
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    images.set_max_pixels(args.max_pixels)
     rembg_api.skip_matting_compile(args.alpha_matting)
     if args.list_models:
         return background.list_models()
@@ -75,10 +78,10 @@ def build_parser():
     cli.add_device_arg(p)
     p.add_argument("--providers", help="onnxruntime execution providers, comma list (overrides --device), "
                                        "e.g. CUDAExecutionProvider,CPUExecutionProvider")
-    p.add_argument("--threads", type=cli.nonnegative_int, default=0,
+    p.add_argument("--threads", type=cli.at_most(cli.nonnegative_int, 256), default=0,
                    help="onnxruntime intra-op threads per inference; 0 = auto: CPU cores/4, at least 1; "
                         "all cores on a GPU")
-    p.add_argument("--workers", type=cli.nonnegative_int, default=0,
+    p.add_argument("--workers", type=cli.at_most(cli.nonnegative_int, 256), default=0,
                    help="threads that decode, composite, encode and write around the model; 0 = auto")
     p.add_argument("--shard", type=background.parse_shard, metavar="I/N",
                    help="do only the I-th of N shares of the photos (0-based; by a checksum of each relative "
@@ -86,8 +89,9 @@ def build_parser():
                         "process would); under torchrun each worker takes its rank's share and its own GPU")
     p.add_argument("--png-level", type=int, default=1, choices=range(10), metavar="0-9",
                    help="PNG compression (lossless at any level; 1 is fast, 9 is smallest)")
+    images.add_max_pixels_arg(p)
     return p
 
 
 if __name__ == "__main__":
-    cli.run(main)
+    cli.run(main, memory_hint="lower --workers (fewer photos decoded at once) or --max-pixels")

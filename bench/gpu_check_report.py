@@ -72,7 +72,7 @@ def figures_of(name, out, work):
     if name in ("torchrun1", "stream"):
         return last_metrics(RunPaths.of(work / name, "stage1").dir)
     if name == "demo":
-        summary, score = read_json(work / "demo" / "demo_summary.json"), read_json(work / "demo/score-test/score.json")
+        summary, score = read_json(work / "demo" / "demo_summary.json"), read_json(work / "demo/score/test/score.json")
         return {"kind": summary.get("kind"), "(a) test top-1": summary.get("a"), "(d) test top-1": summary.get("d"),
                 "d - a": summary.get("d_minus_a"), "BR masks": summary.get("masks"),
                 "final, test top-1": score.get("top1")}

@@ -7,7 +7,9 @@ disk or for PIL. Only as many inferences run at once as the cores can take (see 
 import argparse
 import csv
 import errno
+import hashlib
 import json
+import shutil
 import sys
 import time
 import zlib
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import cli, files, rembg_api, runtime
+from . import cli, files, records, rembg_api, runtime
 from .cli import Problems, UsageError, available_cpus, rank, say
 from .folders import find_classes, is_junk, list_files, refuse_held_out, refuse_overlap
 from .images import BadImage, open_rgb
@@ -99,7 +101,7 @@ def check_arguments(opt):
     """<dst>/args.json records the arguments the outputs were made with. A rerun with other ones would
     silently keep the old images (existing outputs are skipped): refuse it, unless --fresh or --overwrite
     (which redo every output)."""
-    record = {k: _plain(getattr(opt, k, None)) for k in RECORDED}
+    record = asked(opt)
     path = Path(opt.dst) / ARGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
     if old is not None and old != record and not (opt.fresh or opt.overwrite):
@@ -110,14 +112,29 @@ def check_arguments(opt):
     return record
 
 
-def record_arguments(opt, jobs, shard=None):
-    """Once the model is loaded: with --fresh, delete this step's earlier outputs (of this shard's
-    photos); then write <dst>/args.json."""
+def asked(opt):
+    """The arguments that decide what the outputs look like, as args.json and the completion record keep them."""
+    return {k: _plain(getattr(opt, k, None)) for k in RECORDED}
+
+
+def record_arguments(opt, jobs, extra, shard=None):
+    """Once the model is loaded, before the first output changes: the folder is no longer finished (its
+    completion record goes); with --fresh, delete this step's earlier outputs (of this shard's photos) and
+    the files that come from no photo (`extra`); then write <dst>/args.json."""
     record = check_arguments(opt)
+    records.clear(opt.dst)
+    if shard is not None:
+        share_mark(opt.dst, shard).unlink(missing_ok=True)
     if opt.fresh:
         removed = sum(out.unlink() is None for _, out, _ in jobs if out.exists())
+        for path in extra:  # (the files first; then an old class's folder holds none)
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         (Path(opt.dst) / colors_csv(shard)).unlink(missing_ok=True)
-        say(f"--fresh: removed {removed} earlier output(s) from {opt.dst}")
+        say(f"--fresh: removed {removed} earlier output(s)" + (f" and {len(extra)} file(s)/folder(s) from no photo"
+                                                               if extra else "") + f" from {opt.dst}")
     files.write_json(Path(opt.dst) / ARGS_FILE, record)
 
 
@@ -348,7 +365,7 @@ def colors_csv(shard):
 
 def prepare(opt, problems, shard=None):
     """Check and plan: returns (all jobs, this shard's jobs, its jobs still to do, classes, files outside
-    a class folder)."""
+    a class folder, files and folders in dst that come from no photo)."""
     check_folders(opt.src, opt.dst)
     if opt.masks:
         for folder, flag in ((opt.src, "--src"), (opt.dst, "--dst")):
@@ -366,32 +383,39 @@ def prepare(opt, problems, shard=None):
     if stale:
         say(f"removed {stale} temporary file(s) left by an interrupted run")
     used = {cls for _, _, cls in jobs}
-    for cls in classes:  # every class folder, even one whose photos all fail
-        (Path(opt.dst) / cls).mkdir(parents=True, exist_ok=True)
+    for cls in classes:
         if cls not in used:
             say(f"warning: class folder {Path(opt.src) / cls} holds no files; {Path(opt.dst) / cls} stays "
                 "empty (training refuses an empty class)", file=sys.stderr)
-    todo = jobs if opt.overwrite or opt.fresh else [j for j in jobs if not j[1].exists()]
+    todo = jobs if opt.overwrite or opt.fresh else [j for j in jobs if not up_to_date(j[1], j[0])]
     existing = len(jobs) - len(todo)
     say(f"{len(all_jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
         + (f"shard {shard[0]}/{shard[1]}: {len(jobs)} of them; " if shard else "")
         + (f"{existing} already done in {opt.dst}, skipped (--overwrite redoes them); " if existing else "")
         + f"{len(todo)} to do")
     extra = leftovers(opt.dst, all_jobs, classes)
-    if extra:
-        say(f"warning: {len(extra)} file(s)/folder(s) in {opt.dst} come from no file in {opt.src} "
-            f"(e.g. {extra[0]}); delete them or use a fresh --dst so they do not reach training")
-    return all_jobs, jobs, todo, classes, stray
+    if extra and not opt.fresh:
+        say(f"warning: {len(extra)} file(s)/folder(s) in {opt.dst} come from no file in {opt.src} (e.g. {extra[0]}); "
+            "training refuses the folder while they are there: delete them, or rerun with --fresh", file=sys.stderr)
+    return all_jobs, jobs, todo, classes, stray, extra
 
 
-def remove_all(todo, opt, problems, gpu=0, shard=None):
+def up_to_date(out, src):
+    """An output made after its photo was last changed (as make decides): a changed photo is done again."""
+    try:
+        return out.stat().st_mtime_ns >= src.stat().st_mtime_ns
+    except OSError:  # no output yet (or a source that cannot be read: its job says why)
+        return False
+
+
+def remove_all(todo, extra, opt, problems, gpu=0, shard=None):
     """Run every job on the worker threads; returns ({status: count}, {output: colour}, seconds)."""
     from tqdm import tqdm
 
     counts, colors = dict(done=0, degenerate=0, copied=0, failed=0), {}
     t0 = time.time()
     session, (threads, inferences, workers) = open_planned_session(opt, gpu)
-    record_arguments(opt, todo, shard)  # (only now: a model that cannot be loaded leaves nothing behind)
+    record_arguments(opt, todo, extra, shard)  # (only now: a model that cannot be loaded changes nothing)
     say(f"model {opt.model}: onnxruntime providers {', '.join(rembg_api.providers_of(session))}; "
         f"{inferences} inference(s) at once with {threads} intra-op thread(s) each, {workers} worker "
         f"threads; loaded in {time.time() - t0:.1f} s")
@@ -437,31 +461,60 @@ def write_colors(dst, jobs, colors, shard=None):
 
 def run(opt):
     """The whole BR step; returns the exit code. Under torchrun each worker takes the shard of its rank
-    (and the GPU of its local rank), reports its own files, and waits for the others at the end."""
+    (and the GPU of its local rank), reports its own files, and waits for the others at the end; rank 0
+    holds the folder for them all, and marks it complete once every worker is done."""
     rank, workers, local_rank = runtime.world()
     shard = opt.shard or ((rank, workers) if workers > 1 else None)
     cli.WORKERS_SPEAK = workers > 1
     cli.log_to(opt.dst)
-    problems = Problems()
-    all_jobs, jobs, todo, classes, stray = prepare(opt, problems, shard)
-    counts, colors, seconds = remove_all(todo, opt, problems, local_rank, shard) if todo else ({}, {}, 0.0)
-    if opt.bg_color == "auto":
-        write_colors(opt.dst, jobs, colors, shard)
-    counts = {k: counts.get(k, 0) for k in ("done", "degenerate", "copied", "failed")}
-    processed = counts["done"] + counts["degenerate"] + counts["copied"]
-    rate = processed / seconds if seconds else 0.0
-    say(f"summary: done {counts['done']}, skipped as existing {len(jobs) - len(todo)}, degenerate "
-        f"{counts['degenerate'] + counts['copied']}"
-        + (f" ({counts['copied']} written as the original, --fallback copy)" if counts["copied"] else "")
-        + f", failed {counts['failed']}, not in a class folder {len(stray)}; "
-        f"{seconds:.1f} s, {rate:.2f} images/s (model load not counted) -> {opt.dst}")
-    problems.summary(opt.dst, "skipped.csv" if shard is None else f"skipped.shard-{shard[0]}-of-{shard[1]}.csv")
-    if workers > 1:  # torchrun stops every worker when one exits non-zero: wait until all are done
-        runtime.barrier()
-        runtime.teardown()
-    if opt.preview and (shard is None or shard[0] == 0):
-        write_preview(all_jobs, opt.preview, opt.preview_count)
+    with files.one_writer(opt.dst, "--dst", shard=opt.shard):
+        problems = Problems()
+        all_jobs, jobs, todo, classes, stray, extra = prepare(opt, problems, shard)
+        sources = {records.source_name(opt.src, opt.dst): records.listing(opt.src, [src for src, _, _ in all_jobs])}
+        counts, colors, seconds = remove_all(todo, extra, opt, problems, local_rank, shard) if todo else ({}, {}, 0.0)
+        if opt.bg_color == "auto":
+            write_colors(opt.dst, jobs, colors, shard)
+        counts = {k: counts.get(k, 0) for k in ("done", "degenerate", "copied", "failed")}
+        processed = counts["done"] + counts["degenerate"] + counts["copied"]
+        rate = processed / seconds if seconds else 0.0
+        say(f"summary: done {counts['done']}, skipped as existing {len(jobs) - len(todo)}, degenerate "
+            f"{counts['degenerate'] + counts['copied']}"
+            + (f" ({counts['copied']} written as the original, --fallback copy)" if counts["copied"] else "")
+            + f", failed {counts['failed']}, not in a class folder {len(stray)}; "
+            f"{seconds:.1f} s, {rate:.2f} images/s (model load not counted) -> {opt.dst}")
+        problems.summary(opt.dst, "skipped.csv" if shard is None else f"skipped.shard-{shard[0]}-of-{shard[1]}.csv")
+        if workers > 1:  # torchrun stops every worker when one exits non-zero: wait until all are done
+            runtime.barrier()
+            runtime.teardown()
+        if runtime.is_main():
+            mark_complete(opt, all_jobs, classes, sources, opt.shard)
+        if opt.preview and (shard is None or shard[0] == 0):
+            write_preview(all_jobs, opt.preview, opt.preview_count)
     return problems.exit_code()
+
+
+def share_mark(dst, shard):
+    """A --shard I/N run's mark of its share done: the last share to finish completes the folder."""
+    return Path(dst) / f"complete.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def mark_complete(opt, all_jobs, classes, sources, shard=None):
+    """The completion record of dst, written last (records.py): every class folder, what was asked, the
+    source photos, and the outputs there are. With --shard I/N, once every share has marked itself done
+    with the same arguments and photos (any share may be the last; each would write the same record)."""
+    dst = Path(opt.dst)
+    for cls in classes:  # every class folder, even one whose photos all failed
+        (dst / cls).mkdir(parents=True, exist_ok=True)
+    if shard is not None:  # (the mark: a digest of the arguments and the photos, the same for every share)
+        mark = {"made_with": hashlib.sha256(json.dumps([asked(opt), sources], sort_keys=True).encode()).hexdigest()}
+        files.write_json(share_mark(dst, shard), mark)
+        marks = [share_mark(dst, (i, shard[1])) for i in range(shard[1])]
+        if not all(m.is_file() and json.loads(m.read_text()) == mark for m in marks):
+            say(f"share {shard[0]}/{shard[1]} done; {dst} is complete once every share has run")
+            return
+    made = records.listing(dst, [out for _, out, _ in all_jobs if out.exists()])
+    records.write(dst, "br", asked(opt), classes, sources, made,
+                  {"photos": len(all_jobs), "made": len(made), "without an image": len(all_jobs) - len(made)})
 
 
 def list_models():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
+from . import files, images
 from .cli import say
 
 # What images.resize_square and data.decode_one produce; change it when they change.
@@ -38,8 +38,10 @@ class Location:
 
 
 def key(loc, samples, img_size):
-    """A digest of the folder's files (relative path, size, mtime) in order, the image size and METHOD."""
-    digest = hashlib.sha256(f"{METHOD}\n{img_size}\n".encode())
+    """A digest of the folder's files (relative path, size, mtime) in order, the image size and METHOD,
+    and the pixel limit when it is not the default (a photo refused under one limit may be read under another)."""
+    limit = "" if images.MAX_PIXELS == images.DEFAULT_MAX_PIXELS else f"max_pixels {images.MAX_PIXELS}\n"
+    digest = hashlib.sha256(f"{METHOD}\n{img_size}\n{limit}".encode())
     for path, _ in samples:
         try:
             st = os.stat(path)

@@ -8,12 +8,16 @@ says also goes to log.txt in its output folder (log_to), with the details the co
 import argparse
 import datetime
 import errno
+import math
 import os
 import shlex
 import sys
 import tempfile
 import traceback
+import warnings
 from pathlib import Path
+
+from . import INTERRUPTED
 
 # 0 done; 1 done, but some inputs were skipped; 2 nothing done (the message says what to do);
 # 3 training went non-finite and stopped (the last finite state is kept); 70 a bug (an unexpected
@@ -63,16 +67,22 @@ class _Log:
     pending = []
 
 
-def log_to(folder):
+def log_to(folder, header=True):
     """From now on, and for what was said before, append the run's lines to <folder>/log.txt, under a
-    line with the time and the command. Progress bars stay on the console only."""
+    line with the time and the command (unless `header` is False: a helper process of the run).
+    Progress bars stay on the console only."""
     if not speaks():
         return
     _Log.path = Path(folder) / "log.txt"
     stamp = datetime.datetime.now().isoformat(sep=" ", timespec="seconds")
     command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    pending, _Log.pending = _Log.pending, []
-    _append([f"===== {stamp}  {command}" + (f"  [rank {rank()}]" if rank() else ""), *pending])
+    head = [f"===== {stamp}  {command}" + (f"  [rank {rank()}]" if rank() else "")] if header else []
+    _Log.pending = [*head, *_Log.pending]  # (written with the next line: a run refused its folder writes none)
+
+
+def forget_log():
+    """This run writes no log after all (refused a folder that another run holds: its log is that run's)."""
+    _Log.path, _Log.pending = None, []
 
 
 def log(text):
@@ -107,6 +117,22 @@ def _append(lines):
 
 def log_path():
     return _Log.path
+
+
+# Library warnings (torch, numpy, matplotlib...) go to the run log, not the console: they speak of the
+# libraries' internals, which a user cannot change. Those that ask the user to act are said as well.
+ACT_ON = ("driver", "CUDA initialization")
+
+
+def _warning_to_log(message, category, filename, lineno, file=None, line=None):
+    text = f"warning from a library ({category.__name__} at {Path(filename).name}:{lineno}): {message}"
+    if any(words in str(message) for words in ACT_ON):
+        say(text, file=sys.stderr)
+    else:
+        log(text)
+
+
+warnings.showwarning = _warning_to_log
 
 
 class Problems:
@@ -189,13 +215,22 @@ def add_device_arg(p):
 
 # ---------------------------------------------------------------- argument types (reject before any work)
 
+# The largest whole number a flag takes: no count, size or seed here needs more, and beyond it the
+# libraries' 32-bit arguments overflow (an error deep inside them instead of one line here).
+INT_MAX = 2**31 - 1
+
+
 def _number(kind, text, low, inclusive, what):
     try:
         value = kind(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value != value or (value < low if inclusive else value <= low):  # (NaN fails too)
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):  # inf and nan: no step here can use them
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    if value < low if inclusive else value <= low:
         raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    if kind is int and value > INT_MAX:
+        raise argparse.ArgumentTypeError(f"must be at most {INT_MAX}, got {text}")
     return value
 
 
@@ -205,6 +240,16 @@ def positive_int(text):
 
 def nonnegative_int(text):
     return _number(int, text, 0, True, "0 or more")
+
+
+def at_most(kind, limit):
+    """An argument type: `kind` (positive_int...) and no more than `limit`."""
+    def checked(text):
+        value = kind(text)
+        if value > limit:
+            raise argparse.ArgumentTypeError(f"must be at most {limit}, got {text}")
+        return value
+    return checked
 
 
 def positive_float(text):
@@ -257,9 +302,11 @@ def existing_file(text):
 
 # ---------------------------------------------------------------- running a script
 
-def run(main):
+def run(main, memory_hint="lower --batch-size or --img-size"):
     """Run `main(argv) -> exit code` and exit with it. Expected failures are one line and exit 2; an
-    unexpected error is a bug: one line that says so and where its traceback is, and exit 70."""
+    unexpected error is a bug: one line that says so and where its traceback is, and exit 70. Running out
+    of memory is a resource, not a bug: one line with `memory_hint`, the flags that change what a run
+    needs, and exit 2."""
     where = f"[rank {rank()}] " if rank() else ""  # torchrun: a worker's own error names it
     try:
         code = main(sys.argv[1:])
@@ -272,7 +319,7 @@ def run(main):
         log(f"error: {e}")
         code = EXIT_NONFINITE
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        print(INTERRUPTED, file=sys.stderr)
         log("interrupted")
         code = EXIT_INTERRUPTED
     except OSError as e:
@@ -283,14 +330,33 @@ def run(main):
         else:  # a file or folder the system refused (permissions, a vanished mount): not our bug
             print(f"{where}error: {e}", file=sys.stderr)
         code = EXIT_FAIL
-    except Exception as e:  # noqa: BLE001 - everything else is a bug of ours
-        path = bug_report(traceback.format_exc())
-        print(f"{where}error: this is a bug in the pipeline, not in your data or flags ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''}); the traceback is in {path}; please report it",
-              file=sys.stderr)
-        code = EXIT_BUG
+    except Exception as e:  # noqa: BLE001 - everything else is a bug of ours, unless memory ran out
+        memory = out_of_memory(e)
+        if memory:
+            log(traceback.format_exc())
+            print(f"{where}error: out of {memory}: the run needed more than this machine has; {memory_hint}, or free "
+                  "some memory, and rerun", file=sys.stderr)
+            code = EXIT_FAIL
+        else:
+            path = bug_report(traceback.format_exc())
+            print(f"{where}error: this is a bug in the pipeline, not in your data or flags ({type(e).__name__}: "
+                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); the traceback is in {path}; please report it",
+                  file=sys.stderr)
+            code = EXIT_BUG
     flush_log()
     sys.exit(code)
+
+
+def out_of_memory(error):
+    """'RAM' or 'GPU memory' when `error` says that memory ran out (Python's and NumPy's MemoryError, torch's
+    allocators), else None."""
+    if isinstance(error, MemoryError):
+        return "RAM"
+    if type(error).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError: CUDA's allocator
+        return "GPU memory"
+    if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):  # torch's CPU allocator
+        return "RAM"
+    return None
 
 
 def bug_report(text):

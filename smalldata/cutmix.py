@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import cli, files, plots
+from . import cli, files, memory, plots, records
 from .cli import Problems, UsageError, say
 from .folders import HELD_OUT, SPLITS, find_classes, list_files, refuse_held_out, refuse_overlap
 from .images import BadImage, decode_many, open_rgb, resize_square
@@ -125,15 +125,18 @@ def check_dst(dst, srcs, classes, preview):
 
 # ---------------------------------------------------------------- sources
 
-def load_pool(srcs, classes, img_size, problems):
-    """Decode every source photo once, squeezed to img_size.
+def source_files(srcs, classes):
+    """(index of the source, class, path) of every file in a class folder of each source."""
+    return [(i, cls, p) for cls in classes for i, src in enumerate(srcs) for p in list_files(Path(src) / cls)]
+
+
+def load_pool(srcs, jobs, classes, img_size, problems):
+    """Decode every source photo (`jobs`, from source_files) once, squeezed to img_size.
 
     Returns ({class: [Photo]}, fingerprint): the fingerprint covers the class names and every
     listed file's source, relative path and content (bad files too), so a changed, added or
     repaired source file means a different run.
     """
-    jobs = [(i, cls, p) for cls in classes for i, src in enumerate(srcs) for p in list_files(Path(src) / cls)]
-
     def work(job):
         path = job[2]
         try:
@@ -285,9 +288,18 @@ def run(args):
     cli.log_to(dst)
     classes = check_sources(srcs)
     check_dst(dst, srcs, classes, args.preview)
+    jobs = source_files(srcs, classes)
+    memory.check_ocm(len(jobs), args.count, args.img_size)  # (before any photo is decoded)
+    with files.one_writer(dst, "--dst"):
+        return make(args, srcs, dst, classes, jobs)
 
+
+def make(args, srcs, dst, classes, jobs):
+    """Decode, plan, mix and write, the manifest, and last the completion record (records.py)."""
     problems = Problems()
-    pool, fingerprint = load_pool(srcs, classes, args.img_size, problems)
+    sources = {records.source_name(src, dst): records.listing(src, [p for j, _, p in jobs if j == i])
+               for i, src in enumerate(srcs)}
+    pool, fingerprint = load_pool(srcs, jobs, classes, args.img_size, problems)
     usable = usable_classes(pool)
     if not usable:
         raise UsageError("no class has two usable photos, so no OCM image can be made")
@@ -295,6 +307,7 @@ def run(args):
     record = {"format": FORMAT, "src": srcs, "count": args.count, "img_size": args.img_size,
               "alpha": args.alpha, "seed": args.seed, "sources": fingerprint}
     prepare_dst(dst, record, args.overwrite)
+    records.clear(dst)  # from here on the folder is unfinished until the record is written again
     files.remove_stale_temps(dst)
     files.write_json(dst / ARGS_FILE, record)  # first, so an interrupted run resumes
     for cls in classes:  # every class gets its folder: data/ocm must hold data/train's classes
@@ -309,11 +322,20 @@ def run(args):
         pass  # (PNG encoding and fsync release the GIL: the same thread pool as decoding)
     files.write_csv(dst / MANIFEST, MANIFEST_HEADER,
                     [[it.file, it.cls, it.a.name, it.b.name, *it.box, f"{it.lam:.6f}"] for it in items])
+    per_class = dict(zip(usable, split_count(args.count, len(usable))))
+    made = {dst / it.file for it in items}
+    foreign = [p for cls in classes for p in list_files(dst / cls) if p not in made]
+    if foreign:
+        say(f"warning: {len(foreign)} file(s) in {dst} are not this run's images (e.g. {foreign[0]}); training "
+            "refuses the folder while they are there: delete them", file=sys.stderr)
+    records.write(dst, "ocm", record, classes, sources,
+                  records.listing(dst, [dst / it.file for it in items] + [dst / MANIFEST]),
+                  {"images": len(items), "per_class": {c: per_class.get(c, 0) for c in classes}})
     if args.preview:
         write_preview(args.preview, items[:args.preview_rows], args.img_size)
         info(f"preview: {args.preview}")
 
-    per_class = ", ".join(f"{c} {n}" for c, n in zip(usable, split_count(args.count, len(usable))))
-    info(f"made {len(todo)} OCM image(s) in {dst} ({len(items)} in all: {per_class}); manifest {dst / MANIFEST}")
+    info(f"made {len(todo)} OCM image(s) in {dst} ({len(items)} in all: "
+         f"{', '.join(f'{c} {n}' for c, n in per_class.items())}); manifest {dst / MANIFEST}")
     problems.summary(dst)
     return problems.exit_code()

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cache
+from . import cache, memory, records
 from .cli import UsageError
-from .folders import check_same_classes, empty_classes, find_classes, scan_labelled
+from .folders import check_same_classes, empty_classes, find_classes, scan_labelled, val_covers_classes
 from .images import BadImage, decode_many, open_rgb, resize_square
 
 
@@ -60,15 +60,17 @@ def load_images(samples, img_size, problems, desc="decode", cache_at=None, mmap=
 
 
 def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
-                       cache_dir=None, device=torch.device("cpu"), data_on="auto"):
+                       cache_dir=None, device=torch.device("cpu"), data_on="auto", allow_missing_val_classes=False):
     """Decode data/train (+ br, ocm), data/val and the --watch folder (through the decode cache in
-    `cache_dir`, unless None), and place them for `device` (see placement).
+    `cache_dir`, unless None), and place them for `device` (see placement). data/br and data/ocm are
+    used only as their steps completed them, from these photos and classes (records.check); data/val
+    must hold every class, unless `allow_missing_val_classes`.
 
     Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
     where the images are and why, the paths of the photos of each measured set in order ("names": orig,
-    val, watch), and (images, labels) for "orig" (the training originals), "train"
-    (originals + br + ocm), "val" and, with `watch`, "watch". Labels are on `device`; images are a
-    uint8 tensor there, or host arrays that device_batches streams from.
+    val, watch), the classes validation lacks ("val_missing"), and (images, labels) for "orig" (the
+    training originals), "train" (originals + br + ocm), "val" and, with `watch`, "watch". Labels are
+    on `device`; images are a uint8 tensor there, or host arrays that device_batches streams from.
     """
     root = Path(root)
     train_dir, val_dir = root / "train", root / "val"
@@ -88,10 +90,14 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
         raise UsageError(f"class folder(s) with no images in {train_dir}: {', '.join(empty)}")
     sources = {"train": originals}
     for name, wanted in (("br", use_br), ("ocm", use_ocm)):
-        if wanted and (root / name).is_dir():
+        if wanted:  # never half-made, stale or missing without a word: the step's record says it is whole
+            problem = records.check(root, name, classes, originals)
+            if problem:
+                raise UsageError(problem)
             check_same_classes(classes, root / name, name)
             sources[name] = scan_labelled(root / name, classes)[0]
     held_out = {"val": scan_labelled(val_dir, classes)[0]}
+    val_missing = val_covers_classes(held_out["val"], classes, val_dir, allow_missing_val_classes)
     if watch is not None:
         held_out["watch"] = scan_labelled(watch, classes)[0]
     for name, samples in held_out.items():
@@ -99,7 +105,9 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
             raise UsageError(f"{val_dir if name == 'val' else watch} holds no images")
 
     # (the originals count twice: alone for measuring, and in the training set)
-    n = sum(len(s) for s in sources.values()) + len(originals) + sum(len(s) for s in held_out.values())
+    counts = [len(s) for s in sources.values()] + [len(originals)] + [len(s) for s in held_out.values()]
+    memory.check_decoding(counts, img_size)
+    n = sum(counts)
     on_device, where = placement(n * 3 * img_size * img_size, device, data_on, cache_dir is not None)
     folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}
     decoded = {name: load_images(s, img_size, problems, f"decode {name}", cache.Location(cache_dir, Path(folders[name]))
@@ -107,6 +115,9 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
                for name, s in {**sources, **held_out}.items()}
     if not len(decoded["val"][1]) or not len(decoded["train"][1]):
         raise UsageError("no decodable images left in data/train or data/val (see the skipped files above)")
+    if not val_missing:  # (a class whose every validation photo was unreadable is missing too)
+        val_missing = val_covers_classes([(None, int(i)) for i in decoded["val"][1]], classes, val_dir,
+                                         allow_missing_val_classes, " that could be read")
 
     def place(parts):
         labels = torch.cat([decoded[p][1] for p in parts]).to(device)
@@ -120,7 +131,7 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
     names = {"orig" if k == "train" else k: [cache.relative(folders[k], p) for p in decoded[k][3]]
              for k in ("train", *held_out)}  # each measured set's photos, in order (val_losses.csv's columns)
     return {"classes": classes, "counts": {k: len(v[1]) for k, v in decoded.items()},
-            "how": {k: v[2] for k, v in decoded.items()}, "where": where, "names": names,
+            "how": {k: v[2] for k, v in decoded.items()}, "where": where, "names": names, "val_missing": val_missing,
             "orig": (train[0][:n_orig], train[1][:n_orig]), **{k: place([k]) for k in held_out}, "train": train}
 
 
@@ -134,7 +145,9 @@ def to_device(arrays, device, chunk=256):
     start = 0
     for array in arrays:
         for i in range(0, len(array), chunk):
-            part = torch.as_tensor(np.ascontiguousarray(array[i:i + chunk]))
+            part = array[i:i + chunk]
+            if not torch.is_tensor(part):  # a read-only memory map: torch cannot wrap it, so copy the chunk
+                part = torch.from_numpy(np.array(part))
             out[start + i:start + i + len(part)].copy_(part)
         start += len(array)
     return out

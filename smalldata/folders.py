@@ -1,9 +1,10 @@
 """The folder conventions: data/<split>/<class>/<image>, class order as ImageFolder sorts it."""
 import os
+import sys
 from pathlib import Path
 
 from . import files
-from .cli import UsageError
+from .cli import UsageError, say
 
 SPLITS = ("train", "val", "test", "br", "ocm")
 # Folders that must never feed BR and OCM: val and test must not leak into training.
@@ -75,6 +76,22 @@ def empty_classes(samples, classes):
     """Class names with no files at all."""
     used = {i for _, i in samples}
     return [c for i, c in enumerate(classes) if i not in used]
+
+
+def val_covers_classes(samples, classes, val_dir, allowed, which=""):
+    """The classes with no validation photo among `samples` ((path, class index) pairs). Every choice made
+    on validation would be made on the other classes only: refused, unless `allowed`; then said, and
+    returned (the report names them)."""
+    seen = {label for _, label in samples}
+    missing = [c for i, c in enumerate(classes) if i not in seen]
+    if missing and not allowed:
+        raise UsageError(f"{val_dir} has no photos{which} of {len(missing)} class(es): {', '.join(missing)}; every "
+                         f"choice made on validation would ignore them. Add photos of each class to {val_dir}, or "
+                         "accept it with --allow-missing-val-classes")
+    if missing:
+        say(f"warning: {val_dir} has no photos{which} of {', '.join(missing)} (--allow-missing-val-classes): "
+            f"validation measures the other {len(classes) - len(missing)} classes only", file=sys.stderr)
+    return missing
 
 
 def check_same_classes(train_classes, other_root, name):

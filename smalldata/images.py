@@ -3,8 +3,8 @@
 Every decoder failure becomes a `BadImage` whose message names the file and the reason,
 so callers can skip it, say so, and go on.
 """
+import math
 import os
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,11 +12,31 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from .cli import InputError, available_cpus, rank
+from . import cli
+from .cli import InputError, UsageError, available_cpus, rank
 
-# Pillow's own limit (about 89 megapixels) warns; we refuse at that size instead,
-# since a decompression bomb can exhaust memory long before the error threshold.
-MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# The project's decompression limit: a photo of more pixels is refused before it is decoded (a
+# decompression bomb fills memory from a file of a few bytes). 250 megapixels reads every phone and
+# camera photo (a 108 MP phone mode is 12000 x 9000) and decodes into 750 MB. --max-pixels changes it.
+DEFAULT_MAX_PIXELS = 250_000_000
+MAX_PIXELS = DEFAULT_MAX_PIXELS
+
+
+def set_max_pixels(limit):
+    """The decompression limit, for every photo this process decodes (each script's --max-pixels).
+    Pillow's own check is set to the same limit: it warns inside Image.open above it, where our message
+    cannot be given, and raises above twice it; open_rgb checks the size itself, right after the header."""
+    global MAX_PIXELS
+    MAX_PIXELS = Image.MAX_IMAGE_PIXELS = int(limit)
+
+
+set_max_pixels(DEFAULT_MAX_PIXELS)
+
+
+def add_max_pixels_arg(p):
+    p.add_argument("--max-pixels", type=cli.positive_int, default=DEFAULT_MAX_PIXELS,
+                   help="photos of more pixels than this are refused before they are decoded, as possible "
+                        "decompression bombs (12000 x 9000 is 108,000,000)")
 
 
 class BadImage(InputError):
@@ -45,27 +65,29 @@ def open_rgb(path, background=(255, 255, 255)) -> Image.Image:
     are scaled (not clipped) to 8 bits, and transparency is composited onto `background`.
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise BadImage(path, f"{img.width}x{img.height} pixels is over the "
-                                         f"{MAX_PIXELS:,}-pixel safety limit (decompression bomb?)")
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_rgb(img, background)
+        with Image.open(path) as img:  # (reads the header only)
+            if img.width * img.height > MAX_PIXELS:
+                raise BadImage(path, too_many_pixels(f"{img.width}x{img.height} = {img.width * img.height:,}"))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img, background)
     except BadImage:
         raise
-    except Image.DecompressionBombError as e:
-        raise BadImage(path, f"refused, too many pixels ({e})") from None
+    except Image.DecompressionBombError:  # over twice the limit: Pillow refuses it inside Image.open
+        raise BadImage(path, too_many_pixels(f"more than {2 * MAX_PIXELS:,}")) from None
     except Image.UnidentifiedImageError:  # (Pillow says this of a zero-byte file too)
         raise BadImage(path, "empty file" if _is_empty(path) else "not an image file (unknown format)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning) as e:
+    except (OSError, ValueError, SyntaxError) as e:
         if os.path.islink(path) and not os.path.exists(path):
             reason = f"a symbolic link that leads nowhere (broken, or a loop) ({e})"
         else:
             reason = "empty file" if _is_empty(path) else f"corrupt or unreadable image ({e})"
         raise BadImage(path, reason) from None
+
+
+def too_many_pixels(count):
+    return (f"refused as a possible decompression bomb: too many pixels ({count}; the limit is {MAX_PIXELS:,}, "
+            "--max-pixels raises it)")
 
 
 def _is_empty(path):
@@ -92,7 +114,11 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
 
 
 def resize_square(img: Image.Image, size: int) -> Image.Image:
-    """The pipeline's one resizing rule: the whole photo, squeezed to size x size."""
+    """The pipeline's one resizing rule: the whole photo, squeezed to size x size. No image over the pixel
+    limit is made either: Pillow would fill memory a block at a time until the kernel kills the process."""
+    if size * size > MAX_PIXELS:
+        raise UsageError(f"--img-size {size} makes images of {size * size:,} pixels, over the {MAX_PIXELS:,}-pixel "
+                         f"limit (--max-pixels); the largest --img-size under it is {math.isqrt(MAX_PIXELS)}")
     return img.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 

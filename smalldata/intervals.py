@@ -49,15 +49,21 @@ def bootstrap(runs_a, runs_b=None, reps=4000, seed=0):
     return point, float(lo), float(hi)
 
 
-def macro_recall(per_class, reps=4000, seed=0):
+def macro_recall(per_class, z=Z95):
     """Macro recall (mean over classes of the share of each class's photos classified right), in [0, 1],
-    with a 95 % bootstrap interval: photos are drawn with replacement within each class, so every class
-    keeps its count. `per_class`: one correctness vector per class present."""
-    per_class = [np.array(bits(c), dtype=float) for c in per_class if len(c)]
-    rng = np.random.default_rng(seed)
-    draws = np.mean([[c[rng.integers(len(c), size=len(c))].mean() for c in per_class] for _ in range(reps)], axis=1)
-    lo, hi = np.percentile(draws, [2.5, 97.5])
-    return float(np.mean([c.mean() for c in per_class])), float(lo), float(hi)
+    with its 95 % interval (lo, hi). `per_class`: one correctness vector per class present.
+
+    The interval is Price and Bonett's adjusted Wald interval for a linear combination of binomial
+    proportions (Computational Statistics & Data Analysis 45, 2004): each of the m classes gets 2/m
+    successes and 4/m trials added before the normal interval is taken. It keeps its coverage with a
+    few photos per class and never collapses to a point: a bootstrap over photos, or a plain Wald
+    interval, says "100.0-100.0 %" when every one of 9 photos is right."""
+    counts = [(sum(bits(c)), len(c)) for c in per_class if len(c)]
+    m = len(counts)
+    adjusted = [((k + 2 / m) / (n + 4 / m), n + 4 / m) for k, n in counts]
+    centre = sum(p for p, _ in adjusted) / m
+    half = z * math.sqrt(sum(p * (1 - p) / n for p, n in adjusted)) / m
+    return sum(k / n for k, n in counts) / m, max(0.0, centre - half), min(1.0, centre + half)
 
 
 def describe(point, lo, hi, unit="%"):

@@ -81,15 +81,22 @@ def build_model(arch, num_classes, weights="none"):
         return fp32_head(torchvision.models.get_model(arch, weights=None, num_classes=num_classes))
     if weights != "imagenet":
         raise ValueError(weights)
+    fetch_imagenet(arch)
+    model = torchvision.models.get_model(arch, weights=imagenet_weights(arch))
+    replace_head(model, num_classes)
+    return fp32_head(model)
+
+
+def fetch_imagenet(arch):
+    """Have torchvision's ImageNet weights for `arch` in torch's cache (downloaded when missing), or a
+    UsageError that says where to put them: called before any photo is decoded."""
     try:
-        model = torchvision.models.get_model(arch, weights=imagenet_weights(arch))
+        imagenet_weights(arch).get_state_dict(progress=False, check_hash=True)
     except (OSError, RuntimeError) as e:  # URLError is an OSError; a bad cache file a RuntimeError
         raise UsageError(
             f"ImageNet weights for {arch} could not be loaded ({e}). Put "
             f"{os.path.basename(imagenet_weights(arch).url)} at {imagenet_cache_path(arch)} "
             "(from a machine with network access), or train from scratch with --weights none") from None
-    replace_head(model, num_classes)
-    return fp32_head(model)
 
 
 def replace_head(model, num_classes):

@@ -3,11 +3,14 @@
 Written atomically, with matplotlib's object-oriented API (no pyplot): safe on the background
 writer thread, and no display needed.
 """
+import atexit
 import functools
 import io
 import math
 import os
+import signal
 import warnings
+from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -69,14 +72,38 @@ _POOL = []
 
 def elsewhere(fn, *args):
     """Run a drawing function in a helper process (started once, with spawn) and wait for it: matplotlib
-    holds the GIL for its whole drawing, which would slow the training thread of this process."""
+    holds the GIL for its whole drawing, which would slow the training thread of this process.
+
+    The helper never sees Ctrl-C (the terminal sends it to every process of the group): the process that
+    started it reports the interrupt in one line and the helper ends with it. It is started with SIGINT
+    blocked, which it inherits until it has set SIGINT aside, so not even its start-up can be interrupted."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from . import cli
+
     if not _POOL:
-        _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_exit_with_parent, initargs=(os.getpid(),)))
-    return _POOL[0].submit(fn, *args).result()
+        _POOL.append(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), initializer=_helper,
+                                         initargs=(os.getpid(), cli.log_path())))
+        atexit.register(stop_helper)  # (an interrupted run ends it too, before Python takes its modules apart)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # (in this thread, while it spawns)
+    try:
+        future = _POOL[0].submit(fn, *args)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    return future.result()
+
+
+def _helper(parent, log_path):
+    """In the helper: ignore Ctrl-C, send library warnings to the run's log, as the parent does, and end
+    with the parent."""
+    from . import cli
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    if log_path is not None:
+        cli.log_to(log_path.parent, header=False)
+    _exit_with_parent(parent)
 
 
 def _exit_with_parent(parent):
@@ -107,6 +134,13 @@ def save_figure(fig, path):
 def training_curves(rows, path, title, marks=None, window=5):
     """Loss and accuracy per epoch: train, val with its noise band (one standard error), the gap and
     its smoothed trend, watch_acc when recorded, and a vertical line at each marked epoch {epoch: label}."""
+    save_figure(curves_figure(rows, title, marks, window), path)
+
+
+def curves_figure(rows, title, marks=None, window=5):
+    """The figure of training_curves."""
+    from matplotlib.ticker import MaxNLocator
+
     fig = _figure(12, 4.5)
     ax_loss, ax_acc = fig.subplots(1, 2)
     epochs = [r["epoch"] for r in rows]
@@ -116,8 +150,8 @@ def training_curves(rows, path, title, marks=None, window=5):
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], "o-", ms=3, label="val")
     ax_acc.plot(epochs, [r["train_acc"] for r in rows], "o-", ms=3, label="train (originals)")
     ax_acc.plot(epochs, val, "o-", ms=3, color="C1", label="val")
-    ax_acc.fill_between(epochs, [v - s for v, s in zip(val, se)], [v + s for v, s in zip(val, se)], color="C1",
-                        alpha=0.15, label="val +- 1 SE (photo-count noise)")
+    ax_acc.fill_between(epochs, [max(0.0, v - s) for v, s in zip(val, se)], [min(100.0, v + s) for v, s in zip(val, se)],
+                        color="C1", alpha=0.15, label="val +- 1 SE (photo-count noise)")  # (an accuracy stays in 0-100)
     if any("watch_acc" in r and r["watch_acc"] != "" for r in rows):
         ax_acc.plot(epochs, [r.get("watch_acc") for r in rows], ":", color="C2", label="watch (analysis only)")
     ax_acc.plot(epochs, gap, "--", color="gray", lw=1, label="gap (train - val)")
@@ -128,12 +162,13 @@ def training_curves(rows, path, title, marks=None, window=5):
             ax.annotate(f"{text}: epoch {epoch}", (epoch, 1), xycoords=("data", "axes fraction"), rotation=90,
                         va="top", ha="right", fontsize=8, color="red")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     ax_loss.legend(fontsize=8)
     ax_acc.legend(fontsize=7)
     fig.suptitle(title)
-    save_figure(fig, path)
+    return fig
 
 
 def bars_with_intervals(labels, values, lows, highs, path, title, note=""):
@@ -250,8 +285,13 @@ def message_sheet(text, path):
     return sheet
 
 
+def mistake_caption(file, true, pred, conf):
+    """The lines under a wrongly classified photo: its file name (grey), true class, prediction (red)."""
+    return [(Path(file).name, (90, 90, 90)), f"true: {true}", (f"pred: {pred} {100 * conf:.0f}%", (200, 0, 0))]
+
+
 def mistakes_sheet(mistakes, path, total, n, cols=8):
-    """A grid of wrongly classified photos, each captioned with its true and predicted class.
+    """A grid of wrongly classified photos, each captioned with its file name, true and predicted class.
 
     `mistakes`: (path, true name, predicted name, confidence) rows, drawn in the order given.
     With no mistakes the sheet says so, so an old sheet never outlives its run.
@@ -264,8 +304,8 @@ def mistakes_sheet(mistakes, path, total, n, cols=8):
             img = open_rgb(file)
         except BadImage:  # changed since it was scored
             img = Image.new("RGB", (64, 64), "lightgray")
-        cells.append((img, [f"true: {true}", (f"pred: {pred} {100 * conf:.0f}%", (200, 0, 0))]))
+        cells.append((img, mistake_caption(file, true, pred, conf)))
     shown = "all shown" if len(mistakes) == total else f"the {len(mistakes)} most confident shown"
     return image_grid([cells[i:i + cols] for i in range(0, len(cells), cols)], path, cell=180,
-                            heading=f"{total} of {n} images wrong ({shown}). Black: true class; "
-                                    "red: predicted class, confidence")
+                      heading=f"{total} of {n} images wrong ({shown}). Grey: file; black: true class; "
+                              "red: predicted class, confidence")

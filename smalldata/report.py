@@ -21,6 +21,9 @@ def banner(run, weights_note):
     if others:
         say(others)
     say(f"data: {data['where']}")
+    if data["val_missing"]:
+        say(f"validation has no photo of {', '.join(data['val_missing'])} (--allow-missing-val-classes): every "
+            "choice below is made on the other classes")
     say(f"model {meta['arch']} {count_parameters(loop.model):,} parameters; {weights_note}; Adam lr {o.lr:g}, "
         f"weight decay {o.weight_decay:g}, batch {o.batch_size}, epochs {run.first_epoch}..{o.epochs}")
     say("BatchNorm statistics: " + ("running averages (--no-precise-bn)" if o.no_precise_bn else
@@ -135,7 +138,7 @@ def write_decision(run, path, decision, warnings, candidates, replayed):
     body = {"chosen_epoch": decision.chosen, "reason": decision.reason, "stopped_early": decision.stop,
             "checkpoint": str(run.paths.output(run.spec.outputs[0][0])), "warnings": warnings,
             "rule": run.spec.rule.settings(), **{k: v for k, v in decision.evidence.items() if k != "tests"},
-            "outputs": candidates}
+            "outputs": candidates, "val_lacks_classes": run.data["val_missing"]}
     for rule, other in zip(run.spec.replayed, replayed):
         body[f"{rule.name}_rule_would"] = rules.outcome(other)
     tests = next((d.evidence.get("tests") for d in [decision, *replayed] if d.evidence.get("tests")), [])

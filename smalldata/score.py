@@ -4,6 +4,7 @@ Everything about the model comes from the checkpoint (arch, classes, image size,
 so photos are prepared exactly as in training evaluation: open_rgb -> resize_square -> normalize.
 check_score.py is the command-line entry point; run() does the work.
 """
+import json
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cache, checkpoint, cli, files, intervals, layout, plots, runtime
+from . import cache, checkpoint, cli, files, intervals, layout, memory, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -181,7 +182,7 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
     if has_top5:
         say(f"Top-5 accuracy: {_with_interval(m['topk_correct'], n)}")
     say(f"Macro-averaged recall: {100 * m['macro_recall']:.2f}%, 95% CI {100 * recall_lo:.1f}-{100 * recall_hi:.1f}% "
-        f"(mean over the {m['classes_present']} classes present; interval by resampling photos within classes)")
+        f"(mean over the {m['classes_present']} classes present; Price-Bonett interval, valid for few photos per class)")
     present = [i for i in range(len(classes)) if m["per_n"][i]]
     weakest = sorted((i for i in present if m["per_correct"][i] < m["per_n"][i]),
                      key=lambda i: (m["per_correct"][i] / m["per_n"][i], i))[:5]
@@ -194,19 +195,21 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
             say(f"  {classes[t]} -> {classes[p]}: {count} ({100 * count / m['per_n'][t]:.1f}% of {classes[t]})")
     if missing:
         say(f"Classes in the checkpoint but not in {data} ({len(missing)}): {', '.join(missing)}")
-    # The original script's line, kept for its users; named after the split it measured.
-    split = "Test" if Path(data).name.lower().startswith("test") else "Validation"
-    say(f"{split} Top1 Accuracy : {100 * top1:.2f}%")
+    # The original script's line, kept for its users: named after the split it measured, and the folder.
+    name = Path(data).resolve().name.lower()
+    split = "Test " if name.startswith("test") else "Validation " if name.startswith("val") else ""
+    say(f"{split}Top1 Accuracy : {100 * top1:.2f}% ({data})")
 
     files.write_json(out / "score.json", {
         "top1": top1, "top5": top5, "macro_recall": m["macro_recall"], "n": n, "correct": correct,
         "top1_ci95": list(intervals.wilson(correct, n)),
         "top5_ci95": list(intervals.wilson(m["topk_correct"], n)) if has_top5 else None,
         "macro_recall_ci95": [recall_lo, recall_hi],
-        "ci95_method": "Wilson score interval (top-1, top-5); bootstrap over photos within classes (macro recall)",
+        "ci95_method": "Wilson score interval (top-1, top-5); Price-Bonett adjusted Wald interval (macro recall)",
         "top5_correct": m["topk_correct"] if has_top5 else None,
-        "checkpoint": str(args.checkpoint), "data": str(args.data), "tta": bool(args.tta),
-        "classes_missing_from_data": missing, "skipped": list(problems.items),
+        "checkpoint": str(args.checkpoint), "data": str(args.data), "folder": str(Path(data).resolve()),
+        "tta": bool(args.tta), "files": n + len(problems.skipped), "classes_missing_from_data": missing,
+        "skipped": list(problems.items),
         "most_confused": [{"true": classes[t], "predicted": classes[p], "count": c}
                           for t, p, c in m["confused_pairs"]],
     })
@@ -223,7 +226,7 @@ def report_labelled(res, classes, data, out, args, problems, missing, max_mistak
     wrong = [k for k in range(n) if top_i[k][0] != labels[k]]
     wrong.sort(key=lambda k: -top_p[k][0])  # confident mistakes are the most telling
     plots.mistakes_sheet([(res["paths"][k], classes[labels[k]], classes[top_i[k][0]], top_p[k][0])
-                    for k in wrong[:max_mistakes]], out / "mistakes.png", total=len(wrong), n=n)
+                          for k in wrong[:max_mistakes]], out / "mistakes.png", total=len(wrong), n=n)
     say(f"wrote {out}/: {', '.join(OUTPUTS)}" + ("" if wrong else " (mistakes.png says there were none)"))
 
 
@@ -261,17 +264,42 @@ def cache_dir(args, ckpt):
     return Path(recorded)
 
 
+def score_folder(out, data):
+    """Where the files of scoring `data` go: a sub-folder of --out named after the scored folder, so the
+    scores of data/val and data/test in one --out are kept side by side."""
+    return Path(out) / (Path(data).resolve().name or "root")
+
+
+def refuse_another_folder(folder, data):
+    """Two scored folders of the same name (a/test, b/test) would share a sub-folder: refuse the second."""
+    try:
+        earlier = json.loads((folder / "score.json").read_text(encoding="utf-8")).get("folder")
+    except (OSError, ValueError):
+        return
+    if earlier and Path(earlier) != Path(data).resolve():
+        raise UsageError(f"{folder} holds the score of {earlier}, another folder named {Path(data).resolve().name}; "
+                         "give another --out")
+
+
 def run(args):
     """check_score.py's work; returns the exit code (0, or 1 when files were skipped)."""
-    data, out = Path(args.data), Path(args.out)
+    data = Path(args.data)
+    out = score_folder(args.out, data)
     cli.log_to(out)
-    refuse_overlap(out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
+    refuse_overlap(args.out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
                    both_ways=False)
+    with files.one_writer(out, "--out"):
+        refuse_another_folder(out, data)
+        return score(args, data, out)
+
+
+def score(args, data, out):
     ckpt = checkpoint.load(args.checkpoint)
     if not args.no_cache:
         refuse_overlap(cache_dir(args, ckpt), data, "--cache-dir", "--data", "the decode cache would be read as "
                        "photos; choose a folder outside it (or --no-cache)", both_ways=False)
     classes, img_size = list(ckpt["classes"]), int(ckpt["img_size"])
+    memory.check_scoring(args.batch_size, img_size, args.tta)
     samples, labelled = scan(data, classes)
     device = runtime.resolve_device(args.device)
     model = checkpoint.build_from(ckpt, args.checkpoint).to(device, memory_format=torch.channels_last)
@@ -290,6 +318,9 @@ def run(args):
     if not res["n"]:
         raise UsageError(f"none of the {len(samples)} files in {data} could be read as an image (named above)")
     say(f"scored {res['n']} images in {res['seconds']:.1f} s ({res['n'] / res['seconds']:.0f} images/s)")
+    if problems.skipped:  # the figures below count only the photos that were read: say how many were not
+        say(f"note: {len(problems.skipped)} of the {len(samples)} files could not be read and are in none of the "
+            f"figures below (listed in {out / 'skipped.csv'})")
     files.remove_stale_temps(out)  # half-written files of a killed earlier run
     if labelled:
         report_labelled(res, classes, data, out, args, problems, missing, args.mistakes)

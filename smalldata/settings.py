@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from . import augment, checkpoint, cli, layout, rule as rules
+from . import augment, checkpoint, cli, images, layout, rule as rules
 from .averages import EMA, SWA
 from .data import DEVICE_SHARE
 from .layout import RunPaths
@@ -30,6 +30,8 @@ class Data:
     cache_dir: Path | None = None
     no_cache: bool = False
     data_on: str = "auto"
+    max_pixels: int = images.DEFAULT_MAX_PIXELS
+    allow_missing_val_classes: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,10 @@ def add_data_args(g):
                    help="device: the whole decoded set in the training device's memory, batches cut "
                         "there; stream: batches read from the memory-mapped decode cache a few ahead; "
                         f"auto: device when the set takes under {100 * DEVICE_SHARE:.0f}%% of the free memory")
+    images.add_max_pixels_arg(g)
+    g.add_argument("--allow-missing-val-classes", action="store_true",
+                   help="train although data/val has no photo of some class (validation then measures the "
+                        "others only, and the run names the classes it lacks)")
 
 
 def add_optimiser_args(o, lr, epochs):

@@ -7,7 +7,7 @@ from pathlib import Path
 from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, runtime, settings
 from .cli import UsageError, say
 from .folders import refuse_overlap
-from .model import build_model, check_input, imagenet_available
+from .model import build_model, check_input, fetch_imagenet, imagenet_available
 
 
 def prepare(spec, paths):
@@ -101,6 +101,8 @@ def opened(spec, stored):
     problem = None if stored or spec.model.init else check_input(spec.model.arch, spec.model.img_size)
     if problem:
         raise UsageError(problem)
+    if stored is None and spec.model.init is None and spec.model.weights == "imagenet":
+        fetch_imagenet(spec.model.arch)  # (missing weights said now, not after every photo is decoded)
     return spec, begin
 
 

@@ -85,6 +85,22 @@ def write_photo_set(root, per_class, size=64, seed=0, classes=None):
     return Path(root)
 
 
+def mark_stand_in_complete(data, step):
+    """Give a stand-in data/br or data/ocm (plain photos a test wrote, not the step's output) the completion
+    record its step writes, so training takes it: made for the classes and the photos of data/train now,
+    holding the files it holds now."""
+    from smalldata import records
+    from smalldata.folders import find_classes
+
+    data = Path(data)
+    classes = find_classes(data / "train")
+    train = records.listing(data / "train", records.class_files(data / "train", classes))
+    folder = data / step
+    records.write(folder, step, {"stand-in": "written by a test"}, classes, {"train": train},
+                  records.listing(folder, records.class_files(folder, classes)), {})
+    return folder
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     """data/train (4 per class) and data/val (2 per class) of the four skimage photos, 64 px."""

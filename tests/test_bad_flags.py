@@ -1,8 +1,10 @@
 """Every script, fed bad flag values: exit 2, one line on stderr that names the problem, no traceback,
 and nothing written. The values are checked while parsing, before any photo is decoded."""
+import argparse
+
 import pytest
 
-from conftest import run_here, run_script, write_photo_set
+from conftest import REPO, run_here, run_script, write_photo_set
 
 BR, OCM, S1, S2, SCORE = "make_remove_background.py", "make_cutmix.py", "model_1e-4.py", "model_1e-7_ep20.py", \
     "check_score.py"
@@ -66,3 +68,85 @@ def test_every_script_with_no_arguments_ends_cleanly(where, tmp_path):
         assert "Traceback" not in r.stderr and "bug" not in r.stderr, (script, r.stderr[-2000:])
         if r.returncode == 2:
             assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, (script, r.stderr)
+
+
+# ------------------------------------------------------------------------------------------ the fuzz test
+
+FUZZ = ["0", "-1", "inf", "nan"]  # and a huge value: 1e30 for a flag that takes fractions, 10**12 for counts
+SCRIPTS = (BR, OCM, S1, S2, SCORE, "inspect_checkpoint.py")
+
+
+def numeric_flags(script):
+    """Every flag of the script's parser that takes one number (found, not listed: a new flag is fuzzed
+    too), with whether it takes fractions."""
+    import runpy
+
+    parser = runpy.run_path(str(REPO / script), run_name="fuzz")["build_parser"]()
+    found = []
+    for action in parser._actions:
+        if not action.option_strings or action.type is None or action.nargs not in (None, 1):
+            continue
+        try:
+            value = action.type("1")
+        except (argparse.ArgumentTypeError, ValueError, TypeError):
+            continue
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            try:
+                fractions = isinstance(action.type("0.5"), float)
+            except (argparse.ArgumentTypeError, ValueError, TypeError):
+                fractions = False
+            found.append((action.option_strings[-1], fractions))
+    return found
+
+
+CASES_FUZZ = [(script, flag, value) for script in SCRIPTS for flag, fractions in numeric_flags(script)
+              for value in FUZZ + ["1e30" if fractions else "1000000000000"]]
+CASES_FUZZ += [(S1, "--measure-averages", f"ema{v}") for v in FUZZ + ["1e30"]]  # a number inside a spec
+
+
+@pytest.fixture(scope="module")
+def fuzz_places(tmp_path_factory):
+    """Tiny real data, a seeded checkpoint of its classes, and the base arguments of each script."""
+    from test_reliability import small_checkpoint
+
+    root = tmp_path_factory.mktemp("fuzz")
+    data = root / "data"
+    write_photo_set(data / "train", per_class=2, size=32, classes=["chelsea", "coffee"])
+    write_photo_set(data / "val", per_class=1, size=32, classes=["chelsea", "coffee"])
+    ckpt = small_checkpoint(root / "m.pth", ["chelsea", "coffee"])
+    train = ["--arch", "resnet18", "--img-size", "32", "--batch-size", "2", "--epochs", "1", "--weights", "none"]
+    common = ["--device", "cpu", "--no-br", "--no-ocm", "--data", data]
+    return {BR: ["--src", data / "train", "--model", "u2netp", "--min-confidence", "0", "--fallback", "copy"],
+            OCM: ["--src", data / "train", "--count", "4", "--img-size", "16"],
+            S1: [*common, *train], S2: [*common, "--init", ckpt, "--epochs", "1", "--batch-size", "2"],
+            SCORE: ["--checkpoint", ckpt, "--data", data / "val", "--device", "cpu"],
+            "inspect_checkpoint.py": [ckpt]}
+
+
+def with_flag(args, flag, value):
+    """The base arguments with `flag` set to `value` (replacing the base's own value of it)."""
+    args = list(args)
+    if flag in args:
+        del args[args.index(flag):args.index(flag) + 2]
+    return [*args, flag, value]
+
+
+@pytest.mark.parametrize("script,flag,value", CASES_FUZZ, ids=lambda v: str(v))
+def test_fuzz_every_numeric_flag_at_0_minus_1_inf_nan_and_huge_is_never_a_bug_or_a_kill(script, flag, value,
+                                                                                        fuzz_places, tmp_path):
+    """Every number flag of every script at 0, -1, inf, nan and a huge value: refused in one line while
+    parsing (exit 2), or a run that ends as runs end (0, 1, 2), never exit 70 (a bug) or 137 (killed for
+    memory). Most values stop at the parser; the others run on two photos per class."""
+    import torch
+
+    out = ["--dst", tmp_path / "out"] if script in (BR, OCM) else [] if script == "inspect_checkpoint.py" else \
+        ["--out", tmp_path / "out"]
+    det = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        r = run_here(script, *with_flag([*fuzz_places[script], *out], flag, value))
+    finally:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+    assert r.returncode in (0, 1, 2), (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    if r.returncode == 2:
+        assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr[-3000:]

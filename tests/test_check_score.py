@@ -9,6 +9,7 @@ five nearest levels, whatever folder it sits in.
 import csv
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,10 +84,10 @@ def score(ckpt_path, data, out, *args, check=0):
 
 @pytest.fixture(scope="module")
 def plain_run(ckpt_path, tmp_path_factory):
-    """One scoring of the labelled set, shared by the tests that read its outputs."""
+    """One scoring of the labelled set, shared by the tests that read its outputs (in --out/val)."""
     root = tmp_path_factory.mktemp("plain")
     data, out = labelled_set(root / "val"), root / "score"
-    return data, out, score(ckpt_path, data, out)
+    return data, out / "val", score(ckpt_path, data, out)
 
 
 def test_known_predictions_give_exact_scores(plain_run):
@@ -122,7 +123,7 @@ def test_known_predictions_give_exact_scores(plain_run):
     assert s["top1_ci95"] == pytest.approx([0.4440, 0.8583], abs=5e-4)
     lo, hi = s["macro_recall_ci95"]
     assert lo < s["macro_recall"] < hi and 0 <= lo and hi <= 1
-    assert f"Validation Top1 Accuracy : {100 * s['top1']:.2f}%" in proc.stdout
+    assert f"Validation Top1 Accuracy : {100 * s['top1']:.2f}% ({data})" in proc.stdout
     assert "k2 -> k7: 2" in proc.stdout and "k7" in proc.stdout.split("not in")[1]
     assert re.search(r"\d+ images/s", proc.stdout)
     for name in ("confusion.png", "mistakes.png"):
@@ -134,10 +135,10 @@ def test_known_predictions_give_exact_scores(plain_run):
 def test_tta_changes_nothing_on_a_flip_invariant_toy(ckpt_path, plain_run, tmp_path):
     data, plain_out, _ = plain_run  # solid images and a model that only sees mean colour: flip invariant
     score(ckpt_path, data, tmp_path / "tta", "--tta")
-    plain, tta = (json.loads((d / "score.json").read_text()) for d in (plain_out, tmp_path / "tta"))
+    plain, tta = (json.loads((d / "score.json").read_text()) for d in (plain_out, tmp_path / "tta" / "val"))
     assert tta["tta"] is True and plain["tta"] is False
     assert {k: v for k, v in tta.items() if k != "tta"} == {k: v for k, v in plain.items() if k != "tta"}
-    assert read_csv(plain_out / "predictions.csv") == read_csv(tmp_path / "tta" / "predictions.csv")
+    assert read_csv(plain_out / "predictions.csv") == read_csv(tmp_path / "tta" / "val" / "predictions.csv")
 
 
 def test_tta_averages_the_image_and_its_mirror():
@@ -153,12 +154,12 @@ def test_tta_averages_the_image_and_its_mirror():
 
 
 def test_unlabelled_folder_gives_predictions_only(ckpt_path, tmp_path):
-    data, out = tmp_path / "test", tmp_path / "score"
+    data, out = tmp_path / "test", tmp_path / "score" / "test"
     for level in (0, 100, 255):
         solid(data / f"img_{level:03d}.png", level)
-    out.mkdir()
+    out.mkdir(parents=True)
     (out / "score.json").write_text("{}")  # from an earlier labelled run: must not outlive it
-    proc = score(ckpt_path, data, out)
+    proc = score(ckpt_path, data, out.parent)
     assert sorted(p.name for p in out.iterdir()) == ["log.txt", "predictions.csv"]
     rows = read_csv(out / "predictions.csv")
     assert list(rows[0]) == ["file", "predicted", "confidence", "top5"]
@@ -180,11 +181,15 @@ def test_unreadable_files_are_named_and_not_counted(ckpt_path, tmp_path):
     (data / "k0" / "empty.jpg").write_bytes(b"")
     (data / "k3" / "notes.jpg").write_text("not a photo\n")
     proc = score(ckpt_path, data, out, check=1)
+    out = out / "val"
     assert "empty.jpg" in proc.stderr and "notes.jpg" in proc.stderr and "2 image file(s) skipped" in proc.stderr
     s = json.loads((out / "score.json").read_text())
-    assert (s["n"], s["correct"]) == (16, 11) and len(s["skipped"]) == 2
+    assert (s["n"], s["correct"], s["files"]) == (16, 11, 18) and len(s["skipped"]) == 2
     files = [r["file"] for r in read_csv(out / "predictions.csv")]
     assert len(files) == 16 and not any(f.endswith(("empty.jpg", "notes.jpg")) for f in files)
+    # the figures count only the photos read; the summary says how many were not, skipped.csv lists them
+    assert "2 of the 18 files could not be read and are in none of the figures below" in proc.stdout
+    assert sorted(Path(r["file"]).name for r in read_csv(out / "skipped.csv")) == ["empty.jpg", "notes.jpg"]
 
 
 def test_checkpoint_carrying_code_is_refused(tmp_path):

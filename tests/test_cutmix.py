@@ -39,9 +39,10 @@ def train(tmp_path):
 
 
 def outputs(dst):
-    """{relative path: bytes} of everything in dst (images, manifest, args file)."""
+    """{relative path: bytes} of everything in dst (images, manifest, args file), but the run log and the
+    completion record, which hold times."""
     return {p.relative_to(dst).as_posix(): p.read_bytes() for p in sorted(Path(dst).rglob("*"))
-            if p.is_file() and p.name != "log.txt"}  # (the run log differs by its time stamps)
+            if p.is_file() and p.name not in ("log.txt", "complete.json")}
 
 
 def manifest(dst):

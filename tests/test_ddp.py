@@ -9,6 +9,7 @@ import torch
 import torchvision
 
 from conftest import REPO, run_script, write_photo_set
+from smalldata import records
 
 
 def torchrun(*args, workers=2):
@@ -60,9 +61,12 @@ def test_background_removal_in_shards_writes_what_one_process_writes(tmp_path):
     run_script("make_remove_background.py", *common, "--dst", tmp_path / "one", check=0)
     for i in (0, 1):
         run_script("make_remove_background.py", *common, "--dst", tmp_path / "shards", "--shard", f"{i}/2", check=0)
+        assert (records.read(tmp_path / "shards") is None) == (i == 0)  # complete once both shares have run
     r = torchrun(REPO / "make_remove_background.py", *common, "--dst", tmp_path / "workers")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, r.stderr[-3000:]  # (rank 1 takes no lock: rank 0 holds the folder for both)
     assert "[rank 1] " in r.stdout and "shard 1/2" in r.stdout  # each worker reports its own files
+    made = [records.read(tmp_path / name)["made"] for name in ("one", "shards", "workers")]
+    assert sorted(made[0]) == sorted(made[1]) == sorted(made[2]) and len(made[0]) == 12
 
     def images(folder):
         return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*.png")}

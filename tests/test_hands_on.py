@@ -45,6 +45,15 @@ def test_each_stage_writes_a_log_of_what_it_said_without_progress_bars(trained):
     assert "rule: last" in log and "the recipe's divergence rule, replayed" in log
 
 
+def test_a_normal_run_shows_no_library_warning_on_the_console(trained):
+    """Both stages' stderr holds their progress bars only: torch's "NumPy array is not writable" and any
+    other library warning stay off the console (warnings go to log.txt)."""
+    from test_quiet_console import console_lines
+
+    _, _, s1, s2 = trained
+    assert console_lines(s1.stderr) == [] and console_lines(s2.stderr) == [], s1.stderr[-2000:] + s2.stderr[-2000:]
+
+
 def test_a_checkpoint_explains_itself_and_its_choice(trained):
     data, out, _, _ = trained
     ckpt = checkpoint.load(out / "divergence.pth")
@@ -97,8 +106,9 @@ def test_a_crash_is_exit_70_with_one_line_and_the_traceback_in_the_log(trained, 
                  tmp_path / "score", "--device", "cpu")
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == cli.EXIT_BUG == 70
-    assert len(lines) == 1 and "this is a bug" in lines[0] and str(tmp_path / "score" / "log.txt") in lines[0]
-    log = (tmp_path / "score" / "log.txt").read_text()
+    log = tmp_path / "score" / "test" / "log.txt"  # (--out/<scored folder>)
+    assert len(lines) == 1 and "this is a bug" in lines[0] and str(log) in lines[0]
+    log = log.read_text()
     assert "Traceback" in log and "an error nobody expected" in log and "Top-1 accuracy" not in log
 
 

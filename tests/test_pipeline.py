@@ -44,15 +44,18 @@ def test_the_five_scripts_run_in_order_and_write_only_data_and_checkpoints(tmp_p
     run_script("model_1e-7_ep20.py", "--epochs", "1", "--batch-size", "8", *cpu, cwd=tmp_path, check=0)
     image_folders_read_as_torchvision_reads_them(data)
     score = run_script("check_score.py", *cpu, cwd=tmp_path, check=0)
-    run_script("check_score.py", "--data", "data/test", "--out", "checkpoints/score-test", *cpu, cwd=tmp_path, check=0)
+    test = run_script("check_score.py", "--data", "data/test", *cpu, cwd=tmp_path, check=0)
     image_folders_read_as_torchvision_reads_them(data)
     assert torch.load(tmp_path / "checkpoints/final.pth", weights_only=True)["classes"] == CLASSES
-    for folder in ("data/br", "data/ocm", "checkpoints/stage1", "checkpoints/stage2", "checkpoints/score"):
+    for folder in ("data/br", "data/ocm", "checkpoints/stage1", "checkpoints/stage2", "checkpoints/score/val",
+                   "checkpoints/score/test"):
         assert (tmp_path / folder / "log.txt").is_file(), folder
 
-    result = json.loads((tmp_path / "checkpoints/score/score.json").read_text())
-    assert result["n"] == 8 and 0.0 <= result["top1"] <= 1.0
-    assert f"{100 * result['top1']:.2f}%" in score.stdout
+    # each scored folder keeps its own files in the one default --out, and the second line names it
+    for split, proc, n in (("val", score, 8), ("test", test, 4)):
+        result = json.loads((tmp_path / "checkpoints/score" / split / "score.json").read_text())
+        assert result["n"] == n and 0.0 <= result["top1"] <= 1.0
+        assert f"Top1 Accuracy : {100 * result['top1']:.2f}% (data/{split})" in proc.stdout
     assert len(list((tmp_path / "data/br").rglob("*.png"))) == 16
     assert len(list((tmp_path / "data/ocm").rglob("ocm_*.png"))) == 8
     final = torch.load(tmp_path / "checkpoints/final.pth", weights_only=True)

@@ -67,9 +67,11 @@ def temps(root, prefix=""):
 
 def visible(root, pattern="*"):
     """Files under root that a later step would read: not hidden, not inside hidden folders (and not the
-    run's log.txt, which every run appends to under its own time stamp)."""
+    run's log.txt, which every run appends to under its own time stamp, nor the completion record, which
+    holds the times of the files: checked on its own)."""
     root = Path(root)
-    return sorted(p.relative_to(root) for p in root.rglob(pattern) if p.is_file() and p.name != "log.txt"
+    return sorted(p.relative_to(root) for p in root.rglob(pattern) if p.is_file()
+                  and p.name not in ("log.txt", "complete.json")
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
 
 
@@ -389,14 +391,14 @@ def score_setup(tmp_path_factory):
 def test_check_score_killed_midway_and_mid_write_then_rerun_equals_an_uninterrupted_run(
         score_setup, tmp_path, reliability):
     ckpt, val = score_setup
-    ref, out, log = tmp_path / "ref", tmp_path / "score", tmp_path / "log"
+    ref, out, log = tmp_path / "ref" / "val", tmp_path / "score" / "val", tmp_path / "log"  # (--out/<scored folder>)
     args = ("--checkpoint", ckpt, "--data", val, "--device", "cpu")
-    assert run_here(SCORE, *args, "--out", ref).returncode == 0
+    assert run_here(SCORE, *args, "--out", ref.parent).returncode == 0
 
-    assert kill_when(lambda: (out / "score.json").exists(), SCORE, *args, "--out", out, log=log)
+    assert kill_when(lambda: (out / "score.json").exists(), SCORE, *args, "--out", out.parent, log=log)
     reliability("fault", "SIGKILL midway (after score.json)", SCORE,
                 f"visible: {', '.join(p.name for p in visible(out))}; all whole")
-    left = kill_during_write(out, SCORE, *args, "--out", out, log=log)
+    left = kill_during_write(out, SCORE, *args, "--out", out.parent, log=log)
     for rel in visible(out):
         if rel.suffix == ".png":
             Image.open(out / rel).load()
@@ -405,7 +407,7 @@ def test_check_score_killed_midway_and_mid_write_then_rerun_equals_an_uninterrup
     reliability("fault", f"SIGKILL during a file write ({writing(left)})", SCORE,
                 "visible files whole; the partial one only a hidden temporary")
 
-    run_script(SCORE, *args, "--out", out, check=0)
+    run_script(SCORE, *args, "--out", out.parent, check=0)
     for name in ("score.json", "predictions.csv", "per_class.csv"):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name
     for name in ("confusion.png", "mistakes.png"):
@@ -625,7 +627,7 @@ def corpus_data(tmp_path):
 
 def test_training_trains_on_every_usable_photo_and_names_every_bad_file(corpus_data, tmp_path, reliability):
     r = run_here(S1, "--data", corpus_data, "--out", tmp_path / "ck", "--arch", "resnet18", "--epochs", "1",
-                 "--img-size", "32", "--batch-size", "8", "--weights", "none", "--device", "cpu")
+                 "--img-size", "32", "--batch-size", "8", "--weights", "none", "--device", "cpu", "--no-br", "--no-ocm")
     assert r.returncode == 1, r.stderr[-3000:]
     check_skips(r, S1, reliability)
     assert f"images: train {len(GOOD) + 2}, val 2 at 32 px" in r.stdout  # no photo lost, none counted twice
@@ -635,7 +637,7 @@ def test_training_trains_on_every_usable_photo_and_names_every_bad_file(corpus_d
 
 
 def test_training_refuses_an_empty_class_and_a_val_class_missing_from_train(corpus_data, tmp_path, reliability):
-    small = ("--epochs", "1", "--batch-size", "8", "--device", "cpu")
+    small = ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-br", "--no-ocm")
     (corpus_data / "val" / "zebra").mkdir()
     Image.new("RGB", (20, 20), "gray").save(corpus_data / "val" / "zebra" / "z.png")
     init = small_checkpoint(tmp_path / "init.pth", TWO)
@@ -661,9 +663,9 @@ def test_check_score_scores_every_usable_photo_and_names_every_bad_file(tmp_path
     r = run_here(SCORE, "--checkpoint", ckpt, "--data", val, "--out", tmp_path / "score", "--device", "cpu")
     assert r.returncode == 1, r.stderr[-3000:]
     check_skips(r, SCORE, reliability)
-    s = json.loads((tmp_path / "score" / "score.json").read_text())
+    s = json.loads((tmp_path / "score" / "val" / "score.json").read_text())
     assert s["n"] == len(GOOD) + 2 and len(s["skipped"]) == len(BAD)
-    with open(tmp_path / "score" / "predictions.csv", newline="", encoding="utf-8") as f:
+    with open(tmp_path / "score" / "val" / "predictions.csv", newline="", encoding="utf-8") as f:
         scored = {Path(row["file"]).name for row in csv.DictReader(f)}
     assert set(GOOD) <= scored
     reliability("bad input", "usable kinds incl. 1x1 and odd names", SCORE,
@@ -711,13 +713,13 @@ def hostile(kind, path, marker, classes, real=None):
     return path
 
 
-LOADERS = {  # entry point -> the arguments around the checkpoint path
+LOADERS = {  # entry point -> the arguments around the checkpoint path (originals only: the data has no br, ocm)
     (S1, "--weights"): ("--arch", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "8",
-                        "--device", "cpu", "--weights"),
+                        "--device", "cpu", "--no-br", "--no-ocm", "--weights"),
     (S1, "--resume"): ("--arch", "resnet18", "--epochs", "1", "--img-size", "32", "--batch-size", "8",
-                       "--device", "cpu", "--weights", "none", "--resume"),
-    (S2, "--init"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--init"),
-    (S2, "--resume"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--resume"),
+                       "--device", "cpu", "--no-br", "--no-ocm", "--weights", "none", "--resume"),
+    (S2, "--init"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-br", "--no-ocm", "--init"),
+    (S2, "--resume"): ("--epochs", "1", "--batch-size", "8", "--device", "cpu", "--no-br", "--no-ocm", "--resume"),
     (SCORE, "--checkpoint"): ("--device", "cpu", "--checkpoint"),
 }
 PAYLOADS = ["pickle payload (torch zip)", "pickle payload (plain pickle)"]
@@ -767,6 +769,7 @@ def test_a_foreign_or_truncated_checkpoint_gives_a_clear_error(kind, loader, sma
     said = stderr_line(r.stderr, "error:") or r.stderr.strip().splitlines()[-1][:90]
     reliability("hostile file", kind, " ".join(loader), f"exit {r.returncode}: {said[:100]}")
     assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "foreign.pth" in said, said  # refused for the file itself, not for something else in the run
     assert not list(Path(tmp_path / "out").rglob("*.pth"))
 
 

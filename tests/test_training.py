@@ -6,7 +6,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import run_script, write_photo_set
+from conftest import mark_stand_in_complete, run_script, write_photo_set
 from smalldata import checkpoint
 from smalldata.model import build_model, count_parameters
 from smalldata.rule import steady_best
@@ -26,9 +26,12 @@ def test_head_is_replaced_for_other_families():
 
 @pytest.fixture
 def data_with_extras(tiny_data):
-    """tiny_data plus stand-in br/ and ocm/ folders of other real photos of the same classes."""
+    """tiny_data plus stand-in br/ and ocm/ folders of other real photos of the same classes, marked complete
+    as BR and OCM mark their outputs."""
     write_photo_set(tiny_data / "br", per_class=2, seed=3)
     write_photo_set(tiny_data / "ocm", per_class=2, seed=4)
+    for step in ("br", "ocm"):
+        mark_stand_in_complete(tiny_data, step)
     return tiny_data
 
 
@@ -121,7 +124,7 @@ def test_missing_imagenet_weights_stop_with_advice(tiny_data, tmp_path, monkeypa
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # an empty cache, and no network here
     small = [a for a in SMALL if a not in ("--weights", "none")]
     r = run_script("model_1e-4.py", "--data", tiny_data, "--out", tmp_path / "ck", "--epochs", "1", *small,
-                   "--weights", "imagenet")
+                   "--weights", "imagenet", "--no-br", "--no-ocm")
     if r.returncode == 0:
         pytest.skip("this machine could download the ImageNet weights")
     assert r.returncode == 2

@@ -194,11 +194,12 @@ def main():
     run_step("stage 2 (lr 1e-7), recipe", [REPO / "model_1e-7_ep20.py", "--data", data, "--out", out, "--init",
                                           out / "divergence.pth", "--epochs", cfg["epochs2"],
                                           "--batch-size", cfg["batch_size"]], logs, timings)
+    # (check_score writes into <--out>/<scored folder>/: score/val and score/test side by side)
     for label, ckpt, folder, score in (("score (a), test", out / "originals-only" / "divergence.pth", data / "test",
-                                        out / "originals-only" / "score-test"),
-                                       ("score (d), test", out / "divergence.pth", data / "test", out / "score-stage1-test"),
+                                        out / "originals-only" / "score"),
+                                       ("score (d), test", out / "divergence.pth", data / "test", out / "score-stage1"),
                                        ("score final, val", out / "final.pth", data / "val", out / "score"),
-                                       ("score final, test", out / "final.pth", data / "test", out / "score-test")):
+                                       ("score final, test", out / "final.pth", data / "test", out / "score")):
         run_step(label, [REPO / "check_score.py", "--checkpoint", ckpt, "--data", folder, "--out", score], logs, timings)
 
     print("\n===== what the demo shows")
@@ -210,13 +211,13 @@ def main():
     print("  kept, each scored on val: " + "; ".join(
         f"{o['file']} {o['weights']} {o['val_acc']:.1f} % (95 % CI {o['val_ci95'][0]:.1f}-{o['val_ci95'][1]:.1f})"
         for o in decision["outputs"]))
-    lines, numbers = comparison(out / "originals-only" / "score-test", out / "score-stage1-test",
+    lines, numbers = comparison(out / "originals-only" / "score" / "test", out / "score-stage1" / "test",
                                 out / "demo_comparison.png", cfg["epochs1"] * steps_d)
     lines.append(f"Test photos on a background that belongs to another class in train, named as that class "
                  f"(about {100 / len(make_demo_data.CLASSES):.0f} % by chance):")
     followed = {}
-    for key, label, folder in (("a", "(a) originals only", out / "originals-only" / "score-test"),
-                               ("d", "(d) the recipe", out / "score-stage1-test")):
+    for key, label, folder in (("a", "(a) originals only", out / "originals-only" / "score" / "test"),
+                               ("d", "(d) the recipe", out / "score-stage1" / "test")):
         followed[key] = background_following(folder, data)
         k, n = sum(followed[key]), len(followed[key])
         numbers[f"followed_background_{key}"] = [k, n]
@@ -233,8 +234,8 @@ def main():
         print(f"{name:36s} {seconds:8.1f} s   exit {code}")
     print(f"{'total':36s} {sum(t for _, t, _ in timings):8.1f} s")
     print()
-    for name, folder, where in (("Validation", out / "score", f"on {args.data}/val with {args.out}/final.pth"),
-                                ("Hold-out test", out / "score-test",
+    for name, folder, where in (("Validation", out / "score" / "val", f"on {args.data}/val with {args.out}/final.pth"),
+                                ("Hold-out test", out / "score" / "test",
                                  f"on {args.data}/test (never seen in training or model selection)")):
         s = json.loads((folder / "score.json").read_text())
         lo, hi = s["top1_ci95"]
