@@ -13,8 +13,12 @@ way is compared with the last epoch, the steady best and the best-val epoch on t
 mean over runs with a 95 % t interval over runs, and each run's difference. Runs whose name starts with
 "tune" are the tuning part (where settings were chosen), the others the reporting part.
 Ways:
-  divergence          the recipe's rule (smalldata.rule.Divergence) as stage 1 runs it by default
-  divergence z= w=    the same with other thresholds and windows (the tuning grid)
+  divergence          the recipe's rule (smalldata.rule.Divergence) as stage 1 runs it by default:
+                      divergence.pth, the epoch it keeps
+  swa.pth, ema.pth    the weight averages stage 1 writes beside it, as they stand where the stage ends
+                      (where the rule fired, or the last epoch); needs histories recorded with
+                      ablation.py --candidates
+  divergence z= r=    the rule with other thresholds and reaches (the tuning grid)
   steady best         the latest epoch within one SE of the best smoothed val_acc
   last epoch          the last epoch trained
   best val            the raw maximum of val_acc (first on a tie)
@@ -39,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from ablation import read_history  # noqa: E402
 from smalldata import intervals, rule as rules  # noqa: E402
 
-GRID = [(z, w) for z in (2.5, 3.0, 3.5) for w in (6, 8)]
+GRID = [(z, reach) for z in (3.0, 4.0, 5.0) for reach in (10, 15)]
 BASELINES = ("last epoch", "steady best", "best val")
 
 
@@ -51,9 +55,15 @@ def ways(rows):
     """{way: the kept epoch's test correctness (a 0/1 string)} for one history."""
     trained = [r for r in rows if r["epoch"] > 0]
     at = {r["epoch"]: r for r in trained}
-    out = {"divergence": at[rules.Divergence().observe(trained).chosen]["watch_correct"]}
-    for z, w in GRID:
-        out[f"divergence z={z:g} w={w}"] = at[rules.Divergence(window=w, z=z).observe(trained).chosen]["watch_correct"]
+    decision = rules.Divergence().observe(trained)
+    out = {"divergence": at[decision.chosen]["watch_correct"]}
+    end = at[decision.evidence["fired_at"] if decision.evidence.get("fired") else trained[-1]["epoch"]]
+    for average in ("swa", "ema"):
+        if f"{average}_watch_correct" in end:
+            out[f"{average}.pth"] = end[f"{average}_watch_correct"]
+    for z, reach in GRID:
+        out[f"divergence z={z:g} r={reach}"] = at[rules.Divergence(z=z, reach=reach).observe(trained).chosen][
+            "watch_correct"]
     out["steady best"] = at[rules.SteadyBest().observe(trained).chosen]["watch_correct"]
     out["last epoch"] = trained[-1]["watch_correct"]
     out["best val"] = max(trained, key=lambda r: (r["val_acc"], -r["epoch"]))["watch_correct"]
@@ -76,8 +86,8 @@ def table(title, histories, markdown):
             cells.append("-" if way == base else intervals.describe_runs(
                 [accuracy(a) - accuracy(per_run[r][base]) for a, r in zip(runs, histories)], signed=True))
         lines.append("| " + " | ".join(cells) + " |" if markdown else "  " + "\n      ".join(cells))
-    fired = {f"z={z:g} w={w}": sum(rules.Divergence(window=w, z=z).observe(rows).evidence["fired"]
-                                   for rows in histories.values()) for z, w in GRID}
+    fired = {f"z={z:g} r={reach}": sum(rules.Divergence(z=z, reach=reach).observe(
+        [r for r in rows if r["epoch"] > 0]).evidence["fired"] for rows in histories.values()) for z, reach in GRID}
     lines.append("\nthe divergence rule fired in: " + ", ".join(f"{k}: {v}/{len(histories)}" for k, v in fired.items()))
     return "\n".join(lines)
 
