@@ -22,7 +22,7 @@ def build_parser():
     p = cli.parser(__doc__)
     groups = settings.add_training_args(p, lr=1e-7, epochs=20)
     groups["model"].add_argument("--init", type=cli.existing_file,
-                                 help="checkpoint to start from (default: <--out>/divergence.pth)")
+                                 help="checkpoint to start from (default: <--out>/divergence.pth)%(default).0s")
     rules.add_keep_arg(groups["rule"])
     return p
 

@@ -84,23 +84,24 @@ def history(source, epochs, rng, onset=None, rise=0.05, block=3):
     return rows
 
 
-def sources(folder, part):
+def sources(folder, part, skip=10, smooth=7):
     runs = sorted(p for p in Path(folder).glob("*.val_losses.csv") if part == "all" or p.name.startswith(part))
-    return {p.name.split(".")[0]: noise_source(per_photo(p), per_photo(p.with_name(p.name.replace("val_", "train_"))))
+    return {p.name.split(".")[0]: noise_source(per_photo(p), per_photo(p.with_name(p.name.replace("val_", "train_"))),
+                                               skip, smooth)
             for p in runs}
 
 
-def simulate(srcs, runs, epochs, rise, rule, seed=0):
+def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3):
     """(false fires, onsets found in time and kept near, runs) over `runs` null and `runs` divergent histories."""
     rng = random.Random(seed)
     names = sorted(srcs)
     false_fires = found = 0
     for i in range(runs):
         source = srcs[names[i % len(names)]]
-        null = rule.observe(history(source, epochs, rng))
+        null = rule.observe(history(source, epochs, rng, block=block))
         false_fires += null.evidence["fired"]
         onset = rng.randint(rule.min_epochs + 5, rule.min_epochs + 25)
-        d = rule.observe(history(source, epochs, rng, onset=onset, rise=rise))
+        d = rule.observe(history(source, epochs, rng, onset=onset, rise=rise, block=block))
         found += bool(d.evidence["fired"] and d.evidence["fired_at"] - onset <= 10 and abs(d.chosen - onset) <= 3)
     return false_fires, found, runs
 
@@ -114,9 +115,12 @@ def main():
     p.add_argument("--epochs", type=int, default=100, help="epochs per simulated history (stage 1's budget)")
     p.add_argument("--rise", type=float, default=0.05, help="val-loss rise per epoch after the onset")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip", type=int, default=10, help="a real run's first epochs, left out (still learning)")
+    p.add_argument("--smooth", type=int, default=7, help="epochs of the moving mean a residual is taken from")
+    p.add_argument("--block", type=int, default=3, help="consecutive residual epochs drawn together")
     rules.Divergence.add_flags(p)
     args = p.parse_args()
-    srcs = sources(args.histories, args.part)
+    srcs = sources(args.histories, args.part, args.skip, args.smooth)
     if not srcs:
         sys.exit(f"no per-photo loss files (*.val_losses.csv) in {args.histories}")
     rule = rules.Divergence.from_flags(args)
@@ -125,7 +129,7 @@ def main():
         level, residual = src["val"]
         print(f"{name}: {len(level)} val photos, level {level.mean():.3f}, {len(residual)} residual epochs, "
               f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f}")
-    false_fires, found, runs = simulate(srcs, args.runs, args.epochs, args.rise, rule, args.seed)
+    false_fires, found, runs = simulate(srcs, args.runs, args.epochs, args.rise, rule, args.seed, args.block)
     print(f"{rule.describe()}; {runs} null and {runs} divergent histories of {args.epochs} epochs (rise {args.rise:g} "
           f"per epoch), noise from {len(srcs)} runs ({args.part}); {time.perf_counter() - t0:.0f} s")
     lo_f, hi_f = intervals.wilson(false_fires, runs)

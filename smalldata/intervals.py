@@ -90,12 +90,21 @@ def over_runs(values):
 
 
 def describe_runs(values, signed=False):
-    """'+2.3 (95 % CI -3.8 to +8.3, t over 4 runs, under 5: rough; per run +7.0, -2.0, +3.0, +1.0)'"""
+    """'+2.3 (95 % CI -3.8 to +8.3, t over 4 runs, under 5: rough; per run +7.0, -2.0, +3.0, +1.0)'.
+
+    Runs that all agree give no interval (a t interval of width 0 would claim certainty a few runs cannot
+    give); an interval is kept within what the figure can be: 0-100 for an accuracy, -100 to +100 for a
+    difference of two (signed)."""
     mean, lo, hi = over_runs(values)
     f = "{:+.1f}" if signed else "{:.1f}"
+    floor = -100.0 if signed else 0.0
     rough = ", under 5: rough" if len(values) < 5 else ""
-    ci = f"95 % CI {f.format(lo)} to {f.format(hi)}, t over {len(values)} runs{rough}" if len(values) > 1 else \
-        "one run: no interval over runs"
+    if len(values) < 2:
+        ci = "one run: no interval over runs"
+    elif max(values) == min(values):
+        ci = f"all {len(values)} runs equal: no interval over runs"
+    else:
+        ci = f"95 % CI {f.format(max(lo, floor))} to {f.format(min(hi, 100.0))}, t over {len(values)} runs{rough}"
     return f"{f.format(mean)} ({ci}; per run {', '.join(f.format(v) for v in values)})"
 
 

@@ -80,6 +80,7 @@ class Keeper:
         self.writer = Writer()
         self.kept = {}  # epoch -> (weights, metrics row) of the epochs a decision may still pick
         self.last_saved_at = -LAST_EVERY_S  # the first epoch is saved
+        self.last_epoch = None  # the epoch of the newest last.pth submitted (written once close() returns)
         self.on_device = None  # keep the copies on the GPU (decided at the first snapshot, see snapshot)
 
     def make(self, epoch, state=None, **extra):
@@ -144,11 +145,12 @@ class Keeper:
         # (the newest epoch's weights are in last.pth itself; a finished run also gets its file, for the named links)
         epochs = {e: self.make(e) for e in self.kept if (e != epoch or finished) and not self.paths.epoch(e).exists()}
         self.writer.submit("last", self._write_last, ckpt, epochs)
+        self.last_epoch = epoch
 
     def restore(self, ckpt):
         """Continue after the epoch of a last.pth: reload the kept epochs it lists, and delete epoch
         files a killed run wrote past it."""
-        folder = self.paths.epochs
+        folder, self.last_epoch = self.paths.epochs, ckpt["epoch"]
         for path in sorted(folder.glob("epoch_*.pth")) if folder.is_dir() and self.writes else []:
             if int(path.stem.split("_")[1]) > ckpt["epoch"]:
                 path.unlink()

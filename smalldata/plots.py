@@ -133,7 +133,8 @@ def save_figure(fig, path):
 
 def training_curves(rows, path, title, marks=None, window=5):
     """Loss and accuracy per epoch: train, val with its noise band (one standard error), the gap and
-    its smoothed trend, watch_acc when recorded, and a vertical line at each marked epoch {epoch: label}."""
+    its smoothed trend, watch_acc when recorded, the weight averages' val (SWA, EMA) where they were scored
+    every epoch, and a vertical line at each marked epoch {epoch: label}."""
     save_figure(curves_figure(rows, title, marks, window), path)
 
 
@@ -154,6 +155,13 @@ def curves_figure(rows, title, marks=None, window=5):
                         color="C1", alpha=0.15, label="val +- 1 SE (photo-count noise)")  # (an accuracy stays in 0-100)
     if any("watch_acc" in r and r["watch_acc"] != "" for r in rows):
         ax_acc.plot(epochs, [r.get("watch_acc") for r in rows], ":", color="C2", label="watch (analysis only)")
+    for i, average in enumerate(("swa", "ema")):  # the candidates, where scored every epoch
+        at = [(r["epoch"], r[f"{average}_val_acc"], r[f"{average}_val_loss"]) for r in rows
+              if r.get(f"{average}_val_acc") not in (None, "")]
+        if at:
+            e, acc, loss = zip(*at)
+            ax_acc.plot(e, acc, "-.", lw=1, color=f"C{4 + i}", label=f"{average.upper()} val")
+            ax_loss.plot(e, loss, "-.", lw=1, color=f"C{4 + i}", label=f"{average.upper()} val")
     ax_acc.plot(epochs, gap, "--", color="gray", lw=1, label="gap (train - val)")
     ax_acc.plot(epochs, rule.smoothed(gap, window // 2), "-", color="black", lw=1.5, label="gap, smoothed")
     for ax, label in ((ax_loss, "loss"), (ax_acc, "accuracy (%)")):

@@ -182,13 +182,14 @@ class Divergence(Rule):
         "reach": ("--gap-reach", dict(type=positive_int, help="divergence rule: epochs back that the widening may "
                                                                "have begun")),
         "early_stop": ("--no-early-stop", dict(action="store_false", help="divergence rule: train every epoch even "
-                                                                          "after it fired (the kept epoch is the same)")),
+                                                                          "after it fired (the kept epoch is the "
+                                                                          "same)%(default).0s")),
     }
     text = ("At each epoch t >= min_epochs, for every epoch b up to `reach` epochs back, a broken line is fitted "
             "to the mean val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and "
             "alike to the gap, val loss minus train loss). The widening began at b when both rates exceed z "
-            "standard errors; the rule fires at the first t where some b does, and keeps the epoch of the lowest "
-            "val loss (centred mean of 3 epochs) within 3 epochs of the b that fits best. A standard error "
+            "standard errors; the rule fires at the first t where some b does, and keeps the epoch held nearest "
+            "to the b whose broken line fits the last reach + BEFORE epochs best (least squares). A standard error "
             "comes from the epoch-to-epoch noise of the mean loss, measured two ways, the larger kept: from the "
             "photos, each compared with itself from one epoch to the next (paired), and from the series' own "
             "scatter (its second differences, which also hold what all photos do together). Until it fires, "
@@ -239,13 +240,12 @@ class Divergence(Rule):
         if found["fired"]:
             began, upto = found["widening_start"], [r for r in history if r["epoch"] <= found["fired_at"]]
             held = self.candidates(upto[:-1]) | {found["fired_at"]} if len(upto) > 1 else {found["fired_at"]}
-            near = {e for e in held if abs(e - began) <= 3}
             losses = dict(zip((r["epoch"] for r in upto), smoothed([r["val_loss"] for r in upto], 1)))
-            chosen = min(near or held, key=lambda e: (0 if near else abs(e - began), losses[e], e))
+            chosen = min(held, key=lambda e: (abs(e - began), losses[e], e))
             reason = (f"the gap widened beyond noise: from epoch {began} the val loss rose and the val-train loss "
                       f"gap widened, each beyond {self.z:g} standard errors by epoch {found['fired_at']}; kept epoch "
-                      f"{chosen}, the lowest val loss (3-epoch centred mean) within 3 epochs of {began} among the "
-                      f"epochs held")
+                      f"{chosen}, the epoch held nearest to {began} (on a tie, the lower val loss, 3-epoch centred "
+                      f"mean)")
             needed = {chosen}
         else:
             chosen = steady_best(history, 2, available)
@@ -287,19 +287,17 @@ def hinge(values, k):
 
 def changepoint(values, reach, rows):
     """The epoch where the rise began: among the last `reach` epochs but two, the k whose broken line
-    (flat over the BEFORE epochs up to k, then linear) fits values[k - BEFORE:] best, by mean squared
-    residual (a loss still falling from training before k fits a flat level badly, so k is not pulled
-    into the training's fall)."""
+    (flat up to k, then linear) fits all of `values` best, by least squares (every k judged on the same
+    epochs, so a longer or shorter stretch cannot favour one)."""
     y = np.asarray(values, dtype=float)
     best = None
     for k in range(max(1, len(y) - 1 - reach), len(y) - 2):
-        part = y[max(0, k - BEFORE):]
-        u = np.maximum(0, np.arange(len(part)) - min(k, BEFORE)).astype(float)
+        u = np.maximum(0, np.arange(len(y)) - k).astype(float)
         x = np.stack([np.ones_like(u), u], 1)
-        residual = part - x @ np.linalg.lstsq(x, part, rcond=None)[0]
-        mse = float(residual @ residual) / (len(part) - 2)
-        if best is None or mse < best[0]:
-            best = (mse, k)
+        residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+        sse = float(residual @ residual)
+        if best is None or sse < best[0]:
+            best = (sse, k)
     return rows[len(rows) - len(y) + best[1]]["epoch"]
 
 

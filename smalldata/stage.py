@@ -137,7 +137,7 @@ def stopped(run, epoch, error):
     """One line for a stage that went non-finite: nothing more is written; the last finite state stays."""
     run.keeper.close()  # (a last.pth being written lands whole: it holds finite weights)
     plots.stop_helper()
-    last = f"{run.paths.last} (epoch {run.history[-1]['epoch']})" if run.paths.last.exists() and run.history else None
+    last = f"{run.paths.last} (epoch {run.keeper.last_epoch})" if run.keeper.last_epoch is not None else None
     lr = run.spec.optim.lr
     return (f"epoch {epoch}: {error}; training stopped and nothing was written under a kept name; "
             + (f"the last finite state is {last}" if last else "no checkpoint had been written yet")

@@ -47,6 +47,9 @@ def previous_run(spec, paths):
     differ = settings.differences(spec, stored["args"])
     if differ and not spec.checkpoints.resume:
         raise UsageError(refusal(spec, paths, stored["args"], differ))
+    changed = settings.rule_changes(spec, stored["args"])
+    if changed:  # (not run-defining: the rule reads the whole history again with the new settings)
+        say(f"continuing with other rule settings ({', '.join(changed)}): the rule judges the whole history again")
     return stored
 
 

@@ -124,8 +124,8 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
     loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # the one sync of the epoch
     if not math.isfinite(loss) or broken.item():
         step = int(first_bad.item())
-        raise NonFiniteError(("the training loss became " + ("NaN or inf at step " f"{step + 1} of {len(sizes)}"
-                              if step >= 0 else "finite but the weights did not")) + " of this epoch")
+        raise NonFiniteError(f"the training loss became NaN or inf at step {step + 1} of {len(sizes)} of this epoch"
+                             if step >= 0 else "the weights became NaN or inf in this epoch (its losses were finite)")
     return loss, acc, seen / max(time.perf_counter() - start, 1e-9)
 
 

@@ -94,3 +94,12 @@ def test_imagenet_weights_that_cannot_be_had_are_said_before_any_photo_is_decode
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "ImageNet weights for resnet18 could not be loaded" in proc.stderr and "--weights none" in proc.stderr
     assert "decode" not in proc.stdout + proc.stderr and "images:" not in proc.stdout
+
+
+def test_an_interval_over_runs_is_t_wide_never_degenerate_and_stays_within_what_it_measures():
+    assert intervals.describe_runs([7.0, -2.0, 3.0, 1.0], signed=True) == \
+        "+2.2 (95 % CI -3.8 to +8.3, t over 4 runs, under 5: rough; per run +7.0, -2.0, +3.0, +1.0)"
+    assert "all 2 runs equal: no interval over runs" in intervals.describe_runs([81.0, 81.0])
+    assert "one run: no interval over runs" in intervals.describe_runs([81.0])
+    assert intervals.describe_runs([99.0, 90.0]).startswith("94.5 (95 % CI 37.3 to 100.0, t over 2 runs")
+    assert "95 % CI -100.0 to " in intervals.describe_runs([-99.0, -10.0], signed=True)
