@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "bench"))
 from ablation import read_history  # noqa: E402
 from smalldata import intervals, rule as rules  # noqa: E402
 
-GRID = [(z, reach) for z in (3.0, 4.0, 5.0) for reach in (10, 15)]
+GRID = [(z, reach) for z in (3.5, 4.0, 5.0) for reach in (10, 15)]
 BASELINES = ("last epoch", "steady best", "best val")
 
 

@@ -147,8 +147,8 @@ def training_bytes(arch, batch, img_size, activation_bytes=4):
 
     kept = [0]
 
-    def count(module, inputs, output):
-        if not list(module.children()) and torch.is_tensor(output):
+    def count(module, inputs, output):  # (an in-place ReLU's output is its input's memory: not counted again)
+        if not list(module.children()) and torch.is_tensor(output) and not getattr(module, "inplace", False):
             kept[0] += output.numel()
 
     try:

@@ -171,7 +171,7 @@ class SteadyBest(Rule):
 class Divergence(Rule):
     """The recipe's rule: stop where the train/validation gap starts to widen beyond noise."""
     min_epochs: int = 10  # no decision before this epoch
-    z: float = 4.0  # standard errors the rise must exceed (calibrated: bench/divergence.py)
+    z: float = 4.5  # standard errors the rise must exceed (calibrated: bench/divergence.py, tuning part)
     reach: int = 15  # how many epochs back the widening may have begun
     early_stop: bool = True  # stop when it fires (False: train on; the kept epoch is the same)
     name = "divergence"
@@ -187,13 +187,14 @@ class Divergence(Rule):
     }
     text = ("At each epoch t >= min_epochs, for every epoch b up to `reach` epochs back, a broken line is fitted "
             "to the mean val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and "
-            "alike to the gap, val loss minus train loss). The widening began at b when both rates exceed z "
-            "standard errors; the rule fires at the first t where some b does, and keeps the epoch held nearest "
-            "to the b whose broken line fits the last reach + BEFORE epochs best (least squares). A standard error "
-            "comes from the epoch-to-epoch noise of the mean loss, measured two ways, the larger kept: from the "
-            "photos, each compared with itself from one epoch to the next (paired), and from the series' own "
-            "scatter (its second differences, which also hold what all photos do together). Until it fires, "
-            "the steady best-val epoch is kept. Without per-photo losses (an older metrics.csv), the scatter alone.")
+            "alike to the gap, val loss minus train loss). The widening began when both rates exceed z standard "
+            "errors; the rule fires at the first t where this holds at t and at t - 1 (CONFIRM epochs), and keeps "
+            "the held epoch nearest to the onset: the b whose broken line fits the last reach + BEFORE epochs "
+            "best (least squares; from where the loss settled, if that is later). A standard error comes from "
+            "the epoch-to-epoch noise of the mean loss, measured two ways, the larger kept: from the photos, "
+            "each compared with itself from one epoch to the next (paired), and from the series' own scatter "
+            "(its second differences, which also hold what all photos do together). Until it fires, the steady "
+            "best-val epoch is kept. Without per-photo losses (an older metrics.csv), the scatter alone.")
 
     def describe(self):
         return (f"divergence: from epoch {self.min_epochs}, the val loss must rise and the val-train loss gap "
@@ -216,7 +217,7 @@ class Divergence(Rule):
             if best is None or min(z_val, z_gap) > min(best[1], best[2]):
                 best = (rows[k]["epoch"], z_val, z_gap, r_val, r_gap)
         _, z_val, z_gap, r_val, r_gap = best
-        began = changepoint(val[-(self.reach + BEFORE + 1):], self.reach, rows)
+        began = changepoint(val[settled(val, noise_val, self.reach):], self.reach, rows)
         return {"epoch": rows[-1]["epoch"], "began": began, "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
                 "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
                 "widening": bool(z_val > self.z and z_gap > self.z)}
@@ -229,7 +230,7 @@ class Divergence(Rule):
             if history[i]["epoch"] < self.min_epochs or i < 4:
                 continue
             tests.append(self.test(history[:i + 1], notes))
-            if tests[-1]["widening"]:
+            if len(tests) >= CONFIRM and all(t["widening"] for t in tests[-CONFIRM:]):  # (one odd epoch is not enough)
                 return {"fired": True, "fired_at": history[i]["epoch"], "widening_start": tests[-1]["began"],
                         "tests": tests}
         return {"fired": False, "tests": tests}
@@ -272,6 +273,7 @@ class Divergence(Rule):
 
 
 BEFORE = 8  # epochs of the flat level before a rise, in the broken-line fit
+CONFIRM = 2  # consecutive epochs whose tests must all find the widening (a single noisy epoch is not one)
 BLOCK = 4  # the divergence rule holds one candidate epoch per this many epochs
 SCATTER_EPOCHS = 30  # the epoch-to-epoch noise is measured over the last this many epochs
 
@@ -283,6 +285,16 @@ def hinge(values, k):
     du = u - u.mean()
     sxx = float(du @ du)
     return float(du @ np.asarray(values, dtype=float)) / sxx, 1 / math.sqrt(sxx)
+
+
+def settled(val, noise_val, reach):
+    """Where the onset's fit starts: the last reach + BEFORE epochs, or later, from the first epoch whose
+    smoothed val loss is within two noise units of the lowest (a loss still falling from training is
+    not a flat level, and would pull the fitted onset back into the fall)."""
+    level = smoothed(val, 1)
+    low = min(level)
+    first = next(i for i, v in enumerate(level) if v <= low + 2 * noise_val)
+    return max(len(val) - (reach + BEFORE + 1), min(first, len(val) - 5))
 
 
 def changepoint(values, reach, rows):

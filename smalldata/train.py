@@ -120,9 +120,10 @@ def train_epoch(loop, x_all, y_all, desc="train", steps=None):
                             refresh=False)
     seen = sum(sizes)
     broken = (~torch.stack([torch.isfinite(p).all() for p in loop.model.parameters()]).all()).double()
-    loss_sum, correct, broken = runtime.all_sum(loss_sum, correct, broken)  # over the workers (torchrun)
-    loss, acc = loss_sum.item() / seen, 100.0 * correct.item() / seen  # the one sync of the epoch
-    if not math.isfinite(loss) or broken.item():
+    totals = runtime.all_sum_tensor(torch.stack([loss_sum.double(), correct.double(), broken]))  # (torchrun)
+    loss_total, correct_total, broken = totals.tolist()  # the one sync of the epoch
+    loss, acc = loss_total / seen, 100.0 * correct_total / seen
+    if not math.isfinite(loss) or broken:
         step = int(first_bad.item())
         raise NonFiniteError(f"the training loss became NaN or inf at step {step + 1} of {len(sizes)} of this epoch"
                              if step >= 0 else "the weights became NaN or inf in this epoch (its losses were finite)")

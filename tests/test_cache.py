@@ -17,7 +17,7 @@ from smalldata.score import predict
 def load(folder, img_size=24):
     problems = Problems()
     samples, _ = scan_labelled(folder)
-    x, y, how = load_images(samples, img_size, problems, cache_at=where(folder))
+    x, y, how, _ = load_images(samples, img_size, problems, cache_at=where(folder))
     return x, y, how, problems.items
 
 

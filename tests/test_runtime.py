@@ -61,8 +61,8 @@ def test_every_training_batch_has_one_shape():
 def test_a_training_step_makes_no_host_tensors_and_reads_the_device_once_per_epoch(monkeypatch):
     loop = tiny_loop()
     x, y = tiny_data(n=12)
-    calls = {"tensor": 0, "item": 0}
-    real_tensor, real_item = torch.tensor, torch.Tensor.item
+    calls = {"tensor": 0, "item": 0, "tolist": 0}
+    real_tensor, real_item, real_tolist = torch.tensor, torch.Tensor.item, torch.Tensor.tolist
 
     def counting_tensor(*args, **kwargs):
         calls["tensor"] += 1
@@ -72,11 +72,16 @@ def test_a_training_step_makes_no_host_tensors_and_reads_the_device_once_per_epo
         calls["item"] += 1
         return real_item(self)
 
+    def counting_tolist(self):
+        calls["tolist"] += 1
+        return real_tolist(self)
+
     monkeypatch.setattr(torch, "tensor", counting_tensor)
     monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
     train_epoch(loop, x, y)  # three steps, well under a second
     assert calls["tensor"] == 0  # normalisation constants live on the device already
-    assert calls["item"] == 2  # loss and accuracy, once at the end of the epoch
+    assert calls["item"] == 0 and calls["tolist"] == 1  # loss, accuracy and finiteness, read once at the epoch's end
 
 
 def test_resumed_optimizer_state_takes_each_parameters_memory_layout():
