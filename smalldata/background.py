@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import cli, files, records, rembg_api, runtime
+from . import cli, files, lock, records, rembg_api, runtime
 from .cli import Problems, UsageError, available_cpus, rank, say
 from .folders import find_classes, is_junk, list_files, refuse_held_out, refuse_overlap
 from .images import BadImage, open_rgb
@@ -467,7 +467,7 @@ def run(opt):
     shard = opt.shard or ((rank, workers) if workers > 1 else None)
     cli.WORKERS_SPEAK = workers > 1
     cli.log_to(opt.dst)
-    with files.one_writer(opt.dst, "--dst", shard=opt.shard):
+    with lock.one_writer(opt.dst, "--dst", shard=opt.shard):
         problems = Problems()
         all_jobs, jobs, todo, classes, stray, extra = prepare(opt, problems, shard)
         sources = {records.source_name(opt.src, opt.dst): records.listing(opt.src, [src for src, _, _ in all_jobs])}

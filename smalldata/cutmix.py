@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from . import cli, files, memory, plots, records
+from . import cli, files, lock, memory, plots, records
 from .cli import Problems, UsageError, say
 from .folders import HELD_OUT, SPLITS, find_classes, list_files, refuse_held_out, refuse_overlap
 from .images import BadImage, decode_many, open_rgb, resize_square
@@ -290,7 +290,7 @@ def run(args):
     check_dst(dst, srcs, classes, args.preview)
     jobs = source_files(srcs, classes)
     memory.check_ocm(len(jobs), args.count, args.img_size)  # (before any photo is decoded)
-    with files.one_writer(dst, "--dst"):
+    with lock.one_writer(dst, "--dst"):
         return make(args, srcs, dst, classes, jobs)
 
 

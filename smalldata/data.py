@@ -60,11 +60,13 @@ def load_images(samples, img_size, problems, desc="decode", cache_at=None, mmap=
 
 
 def load_training_data(root, img_size, problems, classes=None, use_br=True, use_ocm=True, watch=None,
-                       cache_dir=None, device=torch.device("cpu"), data_on="auto", allow_missing_val_classes=False):
+                       cache_dir=None, device=torch.device("cpu"), data_on="auto", allow_missing_val_classes=False,
+                       before_decoding=None):
     """Decode data/train (+ br, ocm), data/val and the --watch folder (through the decode cache in
     `cache_dir`, unless None), and place them for `device` (see placement). data/br and data/ocm are
     used only as their steps completed them, from these photos and classes (records.check); data/val
-    must hold every class, unless `allow_missing_val_classes`.
+    must hold every class, unless `allow_missing_val_classes`. `before_decoding()`, when given, runs once the
+    folders are found sound and before any photo is decoded (the stage's own checks).
 
     Returns a dict: classes, counts per source, how each was had ("from cache", "decoded and cached"...),
     where the images are and why, the paths of the photos of each measured set in order ("names": orig,
@@ -107,6 +109,8 @@ def load_training_data(root, img_size, problems, classes=None, use_br=True, use_
     # (the originals count twice: alone for measuring, and in the training set)
     counts = [len(s) for s in sources.values()] + [len(originals)] + [len(s) for s in held_out.values()]
     memory.check_decoding(counts, img_size)
+    if before_decoding is not None:
+        before_decoding()
     n = sum(counts)
     on_device, where = placement(n * 3 * img_size * img_size, device, data_on, cache_dir is not None)
     folders = {"train": train_dir, "br": root / "br", "ocm": root / "ocm", "val": val_dir, "watch": watch}

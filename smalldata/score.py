@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import cache, checkpoint, cli, files, intervals, layout, memory, plots, runtime
+from . import cache, checkpoint, cli, files, intervals, layout, lock, memory, plots, runtime
 from .cli import Problems, UsageError, say
 from .data import Normalize, decode_one
 from .folders import find_classes, is_junk, refuse_overlap, scan_labelled
@@ -288,7 +288,7 @@ def run(args):
     cli.log_to(out)
     refuse_overlap(args.out, data, "--out", "--data", "its pictures would be read as data; choose a folder outside it",
                    both_ways=False)
-    with files.one_writer(out, "--out"):
+    with lock.one_writer(out, "--out"):
         refuse_another_folder(out, data)
         return score(args, data, out)
 

@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from . import cli, files, images, memory, plots, report, rule as rules, runtime, start
+from . import cli, files, images, lock, memory, plots, report, rule as rules, runtime, start
 from .cli import NonFiniteError, UsageError, say
 from .data import load_training_data
 from .keeper import Keeper
@@ -18,10 +18,10 @@ from .train import (fitting_bn_chunk, make_loop, measure, measure_average, resto
 
 def run_stage(spec):
     """Run a stage to its end (or continue it); returns the exit code. The stage folder is this run's
-    alone while it runs (files.one_writer): a second run on it is refused at once."""
+    alone while it runs (lock.one_writer): a second run on it is refused at once."""
     paths = spec.paths()
     images.set_max_pixels(spec.data.max_pixels)
-    with files.one_writer(paths.dir, "--out"):
+    with lock.one_writer(paths.dir, "--out"):
         return run_held(spec, paths)
 
 
@@ -35,10 +35,14 @@ def run_held(spec, paths):
     if start.finished(stored, spec, paths):
         return start.restore_outputs(stored, paths)
     spec, begin = start.opened(spec, stored)
-    memory.check_training(spec.model.arch, spec.optim.batch_size // runtime.world()[1], spec.model.img_size, device, amp)
     run = open_stage(spec, paths, stored, begin, (device, amp))
     decision = train_epochs(run)
     return finish(run, decision)
+
+
+def check_training(spec, device, amp):
+    """One training step at this worker's share of --batch-size must fit the training device's memory."""
+    memory.check_training(spec.model.arch, spec.optim.batch_size // runtime.world()[1], spec.model.img_size, device, amp)
 
 
 @dataclass
@@ -68,7 +72,7 @@ def open_stage(spec, paths, stored, begin, device_amp):
     with runtime.main_first():  # rank 0 writes the decode cache, the other workers read it
         data = load_training_data(d.data, spec.model.img_size, problems, start.classes_of(stored, begin, spec),
                                   not d.no_br, not d.no_ocm, d.watch, None if d.no_cache else d.cache_dir, device,
-                                  d.data_on, d.allow_missing_val_classes)
+                                  d.data_on, d.allow_missing_val_classes, lambda: check_training(spec, device, amp))
     model, meta, note = start.model(spec, data["classes"], stored, begin)
     runtime.all_arrive()  # every worker has its data before DDP's first NCCL collective
     loop = make_loop(model, spec.optim, device, amp, meta["mean"], meta["std"], compile=spec.hardware.compile,

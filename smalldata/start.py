@@ -2,7 +2,6 @@
 from the checkpoint stage 2 fine-tunes (--init), or continuing its own run (last.pth); and what a
 finished stage does when it is asked again."""
 import shutil
-from pathlib import Path
 
 from . import IMAGENET_MEAN, IMAGENET_STD, checkpoint, cli, files, runtime, settings
 from .cli import UsageError, say

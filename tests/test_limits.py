@@ -142,11 +142,12 @@ def test_no_image_over_the_limit_is_made_by_resizing():
     assert np.asarray(images.resize_square(Image.new("RGB", (4, 4)), 64)).shape == (64, 64, 3)
 
 
-@pytest.mark.parametrize("flag, value, named", [("--img-size", "100000", "--img-size"),
-                                                ("--batch-size", "2000000", "--batch-size")])
-def test_stage_1_sizes_that_cannot_train_exit_2_before_any_photo_is_decoded(flag, value, named, tmp_path):
-    """One training step's memory (activations counted on the meta device, weights, gradients and Adam's
-    moments) against the training device's: refused in seconds, naming the largest value that fits."""
+@pytest.mark.parametrize("flag, value, what", [("--img-size", "100000", "decoding 10 photos"),
+                                               ("--batch-size", "2000000", "training vgg13_bn")])
+def test_stage_1_sizes_that_cannot_train_exit_2_before_any_photo_is_decoded(flag, value, what, tmp_path):
+    """The decoded photos (host memory), then one training step's memory (activations counted on the meta
+    device, weights, gradients and Adam's moments) against the training device's: refused in seconds,
+    naming the largest value that fits."""
     data = tmp_path / "data"
     write_photo_set(data / "train", per_class=2, size=32, classes=["chelsea", "coffee"])
     write_photo_set(data / "val", per_class=1, size=32, classes=["chelsea", "coffee"])
@@ -158,8 +159,8 @@ def test_stage_1_sizes_that_cannot_train_exit_2_before_any_photo_is_decoded(flag
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert time.monotonic() - start < 60
-    assert proc.stderr.startswith(f"error: {named} {value}: training vgg13_bn") and \
-        f"the largest {named} that fits is" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.stderr.startswith(f"error: {flag} {value}: {what}") and \
+        f"the largest {flag} that fits is" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert "decode" not in proc.stdout
 
 

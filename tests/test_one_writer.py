@@ -12,15 +12,15 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, run_here, run_script, write_photo_set
-from smalldata import files, records
+from smalldata import lock, records
 from smalldata.cli import UsageError
 
 HOLD = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from smalldata import files
+from smalldata import lock
 shard = tuple(map(int, sys.argv[2].split("/"))) if len(sys.argv) > 2 else None
-with files.one_writer(sys.argv[1], "--dst", shard=shard):
+with lock.one_writer(sys.argv[1], "--dst", shard=shard):
     print("holding", flush=True)
     time.sleep(600)
 """
@@ -42,7 +42,7 @@ def stop(proc):
 
 def refusal(folder, shard=None):
     with pytest.raises(UsageError) as e:
-        with files.one_writer(folder, "--dst", shard=shard):
+        with lock.one_writer(folder, "--dst", shard=shard):
             pass
     return str(e.value)
 
@@ -58,15 +58,15 @@ def test_a_second_run_is_refused_at_once_naming_the_first_and_a_killed_one_never
         assert "another --dst" in said
     finally:
         stop(first)  # SIGKILL: no clean-up ran, the lock file is still there
-    assert (folder / files.LOCK).exists()
-    with files.one_writer(folder, "--dst"):  # the kernel dropped the dead run's lock with its process
+    assert (folder / lock.LOCK).exists()
+    with lock.one_writer(folder, "--dst"):  # the kernel dropped the dead run's lock with its process
         assert "in use" in run_one_writer_elsewhere(folder)
-    assert not (folder / files.LOCK).exists()  # a run that ends removes its lock file
+    assert not (folder / lock.LOCK).exists()  # a run that ends removes its lock file
 
 
 def run_one_writer_elsewhere(folder):
-    code = f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom smalldata import files\n" \
-           f"with files.one_writer({str(folder)!r}): pass"
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r})\nfrom smalldata import lock\n" \
+           f"with lock.one_writer({str(folder)!r}): pass"
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stderr
 
 
@@ -74,7 +74,7 @@ def test_shares_of_one_split_write_together_and_keep_out_everyone_else(tmp_path)
     folder = tmp_path / "br"
     share0 = hold(folder, (0, 2))
     try:
-        with files.one_writer(folder, "--dst", shard=(1, 2)):  # the other share of the same split
+        with lock.one_writer(folder, "--dst", shard=(1, 2)):  # the other share of the same split
             pass
         said = refusal(folder)  # a whole-folder run while a share writes
         assert f"process {share0.pid}" in said and "(share 0/2)" in said
@@ -92,13 +92,13 @@ def test_shares_of_one_split_write_together_and_keep_out_everyone_else(tmp_path)
 def test_a_refused_run_leaves_no_folder_it_made_but_keeps_one_it_wrote_into(tmp_path):
     new = tmp_path / "a" / "b" / "out"
     with pytest.raises(UsageError):
-        with files.one_writer(new):
+        with lock.one_writer(new):
             (new / "some_class").mkdir()
             (new / "log.txt").write_text("what the run said before it was refused\n")
             raise UsageError("refused")
     assert not (tmp_path / "a").exists()  # every folder on the way that it made
     with pytest.raises(KeyboardInterrupt):
-        with files.one_writer(new):
+        with lock.one_writer(new):
             (new / "made.png").write_bytes(b"an output")
             raise KeyboardInterrupt
     assert (new / "made.png").is_file()  # a rerun continues from it
@@ -109,7 +109,7 @@ def test_under_torchrun_only_rank_0_takes_the_lock(tmp_path, monkeypatch):
     first = hold(folder)
     try:
         monkeypatch.setenv("RANK", "1")  # what torchrun sets in its second worker
-        with files.one_writer(folder, "--dst"):  # rank 1 is part of rank 0's run: it takes nothing
+        with lock.one_writer(folder, "--dst"):  # rank 1 is part of rank 0's run: it takes nothing
             pass
         monkeypatch.setenv("RANK", "0")
         assert "in use" in refusal(folder)
@@ -171,13 +171,13 @@ def test_br_and_check_score_take_the_lock_of_their_output_folder(script, tmp_pat
         stop(holder)
     assert r.returncode == 2 and f"is in use by process {holder.pid}" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert sorted(p.name for p in folder.iterdir()) == [files.LOCK]  # nothing of the refused run's
+    assert sorted(p.name for p in folder.iterdir()) == [lock.LOCK]  # nothing of the refused run's
 
 
 def test_the_lock_file_names_its_holder(tmp_path):
     folder = tmp_path / "x"
-    with files.one_writer(folder):
-        pid, host, since = (folder / files.LOCK).read_text().split(" ", 2)
+    with lock.one_writer(folder):
+        pid, host, since = (folder / lock.LOCK).read_text().split(" ", 2)
         assert (int(pid), host) == (os.getpid(), socket.gethostname()) and since.startswith("20")
 
 
@@ -195,9 +195,9 @@ def test_two_stage_1_runs_on_one_out_the_second_exits_2_and_the_first_finishes_c
               "--weights", "none", "--device", "cpu", "--no-br", "--no-ocm", "--rule", "last"]
     first = subprocess.Popen([sys.executable, str(REPO / "model_1e-4.py"), *map(str, common), "--epochs", "3"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    lock = tmp_path / "ck" / "stage1" / files.LOCK
+    lock_file = tmp_path / "ck" / "stage1" / lock.LOCK
     deadline = time.monotonic() + 120
-    while not lock.exists() and first.poll() is None and time.monotonic() < deadline:
+    while not lock_file.exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     second = run_script("model_1e-4.py", *common, "--epochs", "2")
     out, err = first.communicate(timeout=600)
