@@ -143,7 +143,8 @@ def training_bytes(arch, batch, img_size, activation_bytes=4):
     plus the weights, their gradients and Adam's two moments (float32). None when the model cannot be
     built on the meta device (the run finds out itself)."""
     import torch
-    import torchvision
+
+    from .model import meta_model
 
     kept = [0]
 
@@ -152,8 +153,7 @@ def training_bytes(arch, batch, img_size, activation_bytes=4):
             kept[0] += output.numel()
 
     try:
-        with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None, num_classes=2)
+        model = meta_model(arch)
         hook = torch.nn.modules.module.register_module_forward_hook(count)
         try:
             model.train()(torch.empty(2, 3, img_size, img_size, device="meta"))  # (2: BatchNorm trains on 2 or more)

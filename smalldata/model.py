@@ -28,9 +28,7 @@ def check_input(arch, img_size):
     line saying why not and what would work. Checked on PyTorch's meta device (shapes only, no memory,
     no compute), before any photo is decoded."""
     def logits(size):
-        with torch.device("meta"):
-            model = torchvision.models.get_model(arch, weights=None, num_classes=2)
-        return model.train()(torch.empty(2, 3, size, size, device="meta"))
+        return meta_model(arch).train()(torch.empty(2, 3, size, size, device="meta"))
 
     anywhere = "vgg13_bn, resnet50, efficientnet_b0 and convnext_tiny take any size from 32 px"
     try:
@@ -51,6 +49,12 @@ def check_input(arch, img_size):
         return (f"--arch {arch} returns {type(out).__name__} in training (auxiliary outputs), not one tensor of "
                 f"logits, so it cannot be trained here; choose another model ({anywhere})")
     return None
+
+
+def meta_model(arch):
+    """`arch` with 2 classes on PyTorch's meta device: shapes only, no memory, no compute."""
+    with torch.device("meta"):
+        return torchvision.models.get_model(arch, weights=None, num_classes=2)
 
 
 def imagenet_weights(arch):
