@@ -23,6 +23,7 @@ Ways:
   last epoch          the last epoch trained
   best val            the raw maximum of val_acc (first on a tie)
   oracle              the best test accuracy: for scale only, no real choice can know it
+With both parts, one more table over all runs: each way against divergence.pth and the last epoch.
 Then, per run, where the divergence rule fired and kept, against the epoch of the lowest val loss and the
 best test accuracy over the whole run (hindsight).
 
@@ -71,10 +72,10 @@ def ways(rows):
     return out
 
 
-def table(title, histories, markdown):
+def table(title, histories, markdown, baselines=BASELINES):
     per_run = {name: ways(rows) for name, rows in histories.items()}
     names = list(next(iter(per_run.values())))
-    head = ["way", "test top-1 %"] + [f"minus {b}" for b in BASELINES]
+    head = ["way", "test top-1 %"] + [f"minus {b}" for b in baselines]
     lines = [f"{title}: {len(histories)} runs ({', '.join(histories)}); mean over runs with a 95 % t interval over "
              "runs and each run's value; differences paired on the same photos, in points"]
     if markdown:
@@ -82,7 +83,7 @@ def table(title, histories, markdown):
     for way in names:
         runs = [per_run[r][way] for r in histories]
         cells = [way, intervals.describe_runs([accuracy(b) for b in runs])]
-        for base in BASELINES:
+        for base in baselines:
             cells.append("-" if way == base else intervals.describe_runs(
                 [accuracy(a) - accuracy(per_run[r][base]) for a, r in zip(runs, histories)], signed=True))
         lines.append("| " + " | ".join(cells) + " |" if markdown else "  " + "\n      ".join(cells))
@@ -140,6 +141,9 @@ def main():
                 print(table(f"configuration {config}, {'tuning' if part == 'tune' else 'reporting'} part", chosen,
                             args.markdown))
                 print(where(chosen, args.markdown), end="\n\n")
+        if len({k.startswith("tune") for k in runs}) == 2:  # (no choice between the candidates was tuned)
+            print(table(f"configuration {config}, all runs: the candidates against the recipe's choice", runs,
+                        args.markdown, baselines=("divergence", "last epoch")), end="\n\n")
 
 
 if __name__ == "__main__":
