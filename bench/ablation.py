@@ -7,7 +7,8 @@
 
 Per cell (a seed, and the classes it draws): split PHOTOS into train / val / test (symlinks), run
 make_remove_background.py and make_cutmix.py on train, then train every configuration with
-model_1e-4.py for its whole budget (--rule last: no rule stops it) with --watch on the test split, so that every
+model_1e-4.py for its whole budget (--rule last, or with --candidates the divergence rule with
+--no-early-stop: no rule stops it) with --watch on the test split, so that every
 epoch's test accuracy, photo by photo, is in the run's watch.csv. Which epoch a configuration keeps
 is then replayed from its history with the project's default choice (smalldata.rule), never read from
 the test split. Configurations:
@@ -16,7 +17,8 @@ the test split. Configurations:
   d-light  the recipe with --augment light        d-none   the recipe with --augment none
   plain    a plain torchvision loop on the originals (bench/plain_loop.py: ImageFolder, no
            augmentation, BatchNorm's running averages, best-val epoch)
-  e        d's last epoch, then model_1e-7_ep20.py (the 1e-7 stage)
+  e        d's divergence.pth, then model_1e-7_ep20.py (the 1e-7 stage: the recipe's path)
+  e-swa    d's swa.pth, then model_1e-7_ep20.py (needs d run with --candidates)
 Budget: d trains --epochs epochs; every other configuration gets the optimiser steps that d takes
 (equal steps, the headline), so a, with a quarter of the images, trains about four times the epochs;
 a's history up to --epochs epochs is its equal-epochs run (no schedule, no stop: the same run, cut).
@@ -53,7 +55,8 @@ CONFIGS = {  # name: (label, model_1e-4.py flags)
     "d-light": ("the recipe, --augment light", ["--augment", "light"]),
     "d-none": ("the recipe, --augment none", ["--augment", "none"]),
     "plain": ("plain torchvision loop, originals", None),
-    "e": ("the recipe + the 1e-7 stage", None),
+    "e": ("the recipe + the 1e-7 stage (from d's divergence.pth)", None),
+    "e-swa": ("the recipe + the 1e-7 stage from d's swa.pth", None),
 }
 PART_SEED = 20261129  # splits the classes into a tuning part and a reporting part, once for all cells
 
@@ -89,8 +92,10 @@ def get_args():
     p.add_argument("--ocm-per-photo", type=float, default=2.0, help="OCM images per original training photo")
     p.add_argument("--weights", default="none", help="none (scratch) or imagenet, for model_1e-4.py")
     p.add_argument("--candidates", action="store_true",
-                   help="score d's weight averages (swa, ema) every epoch too (model_1e-4.py --candidates-each-epoch); "
-                        "without it, none are kept (they do not change the training)")
+                   help="d runs the divergence rule without stopping (--no-early-stop) and scores its weight averages "
+                        "(swa, ema) every epoch too (--candidates-each-epoch), keeping divergence.pth, swa.pth and "
+                        "ema.pth for e and e-swa; without it d runs --rule last and no averages are kept (neither "
+                        "changes the training)")
     p.add_argument("--report", action="store_true", help="only print the tables from <out>/histories")
     args = p.parse_args()
     args.cells = args.cells or [f"all:{s}" for s in range(args.seeds)]
@@ -189,26 +194,29 @@ def train_config(args, cell, name, data, counts, work, histories):
             work / f"{name}.log")
         shutil.copyfile(out / "history.csv", target)
         return
-    if name == "e":
-        d = work / "d"
-        if not (d / "stage1" / "last.pth").is_file():
-            print("  (skipped: d's last epoch is needed first)", flush=True)
+    if name in ("e", "e-swa"):
+        start = work / "d" / ("swa.pth" if name == "e-swa" else "divergence.pth")
+        if not start.is_file():
+            print(f"  (skipped: {start} is needed first)", flush=True)
             return
-        run([REPO / "model_1e-7_ep20.py", *common, "--out", d, "--init", d / "stage1" / "last.pth",
-             "--epochs", args.stage2_epochs], work / f"{name}.log")
-        stage = d / "stage2"
+        run([REPO / "model_1e-7_ep20.py", *common, "--out", out, "--init", start, "--epochs", args.stage2_epochs],
+            work / f"{name}.log")
+        stage = out / "stage2"
     else:
         epochs = math.ceil(steps / steps_per_epoch(flags, counts, args.batch_size))
-        extra = ["--candidates-each-epoch"] if name == "d" and args.candidates else ["--swa-epochs", 0, "--ema-epochs", 0]
+        if name == "d" and args.candidates:
+            extra = ["--rule", "divergence", "--no-early-stop", "--candidates-each-epoch"]
+        else:
+            extra = ["--rule", "last", "--swa-epochs", 0, "--ema-epochs", 0]
         run([REPO / "model_1e-4.py", *common, "--out", out, "--arch", args.arch, "--weights", args.weights,
-             "--img-size", args.img_size, "--epochs", epochs, "--rule", "last", *flags, *extra], work / f"{name}.log")
+             "--img-size", args.img_size, "--epochs", epochs, *flags, *extra], work / f"{name}.log")
         stage = out / "stage1"
     shutil.copyfile(stage / "metrics.csv", target)
     for part in ("watch", "val_losses", "train_losses"):  # per photo: test correctness, val and train losses
         if (stage / f"{part}.csv").is_file():
             shutil.copyfile(stage / f"{part}.csv", target.with_suffix(f".{part}.csv"))
-    for p in (work if name == "e" else out).rglob("*.pth"):  # GBs; d's last epoch waits for e
-        if name != "d" or p != out / "stage1" / "last.pth":
+    if name != "d":  # GBs; d's divergence.pth and swa.pth wait for e and e-swa
+        for p in out.rglob("*.pth"):
             p.unlink()
     print(f"    {time.perf_counter() - t0:.0f} s", flush=True)
 
@@ -250,13 +258,13 @@ def accuracy(bits):
 
 def kept_bits(name, rows, budget_epochs=None):
     """The test correctness of the epoch a configuration keeps: the project's default choice replayed
-    on its history (cut at `budget_epochs`), the best-val epoch for the plain loop, the last for e."""
+    on its history (cut at `budget_epochs`), the best-val epoch for the plain loop, the last for e and e-swa."""
     from smalldata import rule as rules
 
     rows = [r for r in rows if budget_epochs is None or r["epoch"] <= budget_epochs]
     if name == "plain":
         return max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["watch_correct"]
-    if name == "e":
+    if name in ("e", "e-swa"):
         return rows[-1]["watch_correct"]
     decision = rules.default_rule().observe([r for r in rows if r["epoch"] > 0])
     return next(r for r in rows if r["epoch"] == decision.chosen)["watch_correct"]
@@ -289,19 +297,27 @@ def report(args):
         for budget, cut in budgets:
             mine = [accuracy(kept_bits(name, runs[name][c], cut)) for c in both]
             diff = "-" if name == "d" else intervals.describe_runs([m - d_acc[c] for m, c in zip(mine, both)], signed=True)
-            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name != 'e' else f'd + {args.stage2_epochs} epochs'}"
+            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if not name.startswith('e') else f'd + {args.stage2_epochs} epochs'}"
                          f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | "
                          f"{intervals.describe_runs(mine)} | {diff} |")
-    if "e" in runs:  # the 1e-7 stage against its own start (d's last epoch), on the same photos
-        cells_e = sorted(runs["e"])
-        start = [next(r for r in runs["e"][c] if r["epoch"] == 0) for c in cells_e]
-        end = [runs["e"][c][-1] for c in cells_e]
+    for name, start_name in (("e", "divergence.pth"), ("e-swa", "swa.pth")):  # each against its own start
+        if name not in runs:
+            continue
+        cells_e = sorted(runs[name])
+        start = [next(r for r in runs[name][c] if r["epoch"] == 0) for c in cells_e]
+        end = [runs[name][c][-1] for c in cells_e]
         diff = intervals.describe_runs([accuracy(e["watch_correct"]) - accuracy(s["watch_correct"])
                                         for s, e in zip(start, end)], signed=True)
         val = [e["val_acc"] - s["val_acc"] for s, e in zip(start, end)]
-        lines += ["", f"The 1e-7 stage ({end[0]['epoch']} epochs, {len(cells_e)} cell(s)): test top-1 after it minus "
-                      f"before it (d's last epoch), paired: {diff} points; val_acc change per cell: "
+        lines += ["", f"The 1e-7 stage from d's {start_name} ({end[0]['epoch']} epochs, {len(cells_e)} cell(s)): test "
+                      f"top-1 after it minus before it, paired: {diff} points; val_acc change per cell: "
                       + ", ".join(f"{v:+.1f}" for v in val) + " points"]
+    both = sorted(set(runs.get("e", {})) & set(runs.get("e-swa", {})))
+    if both:  # the recipe's path against the alternative, on the same test photos
+        diff = intervals.describe_runs([accuracy(kept_bits("e-swa", runs["e-swa"][c]))
+                                        - accuracy(kept_bits("e", runs["e"][c])) for c in both], signed=True)
+        lines += ["", f"Stage 2 from swa.pth minus stage 2 from divergence.pth (the recipe's path), test top-1, "
+                      f"{len(both)} cell(s): {diff} points"]
     text = "\n".join(lines)
     print(text)
     (args.out / "results.md").write_text(text + "\n")
