@@ -186,28 +186,32 @@ class Divergence(Rule):
                                                                           "same)%(default).0s")),
     }
     text = ("At each epoch t >= min_epochs, for every epoch b up to `reach` epochs back, a broken line is fitted "
-            "to the mean val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and "
-            "alike to the gap, val loss minus train loss). The widening began when both rates exceed z standard "
-            "errors; the rule fires at the first t where this holds at t and at t - 1 (CONFIRM epochs), and keeps "
-            "the held epoch nearest to the onset: the b whose broken line fits the last reach + BEFORE epochs "
-            "best (least squares; from where the loss settled, if that is later). A standard error comes from "
-            "the epoch-to-epoch noise of the mean loss, measured two ways, the larger kept: from the photos, "
-            "each compared with itself from one epoch to the next (paired), and from the series' own scatter "
-            "(its second differences, which also hold what all photos do together). Until it fires, the steady "
-            "best-val epoch is kept. Without per-photo losses (an older metrics.csv), the scatter alone.")
+            "to the val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and alike to "
+            "the gap, val loss minus train loss). The widening began when both rates exceed z standard errors; "
+            "the rule fires at the first t where this holds at t and at t - 1 (CONFIRM epochs), and keeps the "
+            "held epoch nearest to the onset: the b whose broken line fits the last reach + BEFORE epochs best "
+            "(least squares; from where the loss settled, if that is later). The val loss judged is a weighted "
+            "mean of the per-photo losses: each photo by its recent mean loss over its epoch-to-epoch variance "
+            "(at least the median photo's), since an overfitting model's val loss rises in the photos it gets "
+            "wrong or is unsure of. A standard error comes from the epoch-to-epoch noise, measured two ways, "
+            "the larger kept: from the photos, each compared with itself from one epoch to the next (paired), "
+            "and from the series' own scatter (its second differences, which also hold what all photos do "
+            "together). Until it fires, the steady best-val epoch is kept. Without per-photo losses (an older "
+            "metrics.csv), the mean val loss and its scatter alone.")
 
     def describe(self):
-        return (f"divergence: from epoch {self.min_epochs}, the val loss must rise and the val-train loss gap "
+        return (f"divergence: from epoch {self.min_epochs}, the val loss (photos weighted by signal over noise) "
+                f"must rise and the val-train loss gap "
                 f"widen from a flat level, each by more than {self.z:g} standard errors of their epoch-to-epoch "
                 f"noise, the rise begun at most {self.reach} epochs back; the epoch where it began is kept"
                 + ("" if self.early_stop else "; --no-early-stop: training goes on after it fires"))
 
     def test(self, rows, notes):
         """The best broken line ending at rows[-1]: where the rise began, its rates and their z."""
-        val, gap = [r["val_loss"] for r in rows], [r["val_loss"] - r["train_loss"] for r in rows]
-        noise_val, noise_gap = noise(rows, "val", notes), math.hypot(noise(rows, "val", notes), noise(rows, "train", notes))
-        noise_gap = max(noise_gap, scatter(gap[-SCATTER_EPOCHS:]), 1e-9)  # (a constant series: no noise)
-        noise_val = max(noise_val, 1e-9)
+        val, noise_val = judged_val(rows, notes)
+        gap = [v - r["train_loss"] for v, r in zip(val, rows)]
+        noise_gap = max(math.hypot(noise_val, noise(rows, "train", notes)), scatter(gap[-SCATTER_EPOCHS:]), 1e-9)
+        noise_val = max(noise_val, 1e-9)  # (a constant series: no noise)
         best = None
         for k in range(max(1, len(rows) - 1 - self.reach), len(rows) - 2):  # k: the index of the flat level's end
             start = max(0, k - BEFORE)
@@ -225,6 +229,9 @@ class Divergence(Rule):
     def replay(self, history, notes=None):
         """The tests over the history, and whether and where the rule fired."""
         notes = set() if notes is None else notes
+        history = [dict(r, **{k: np.asarray(r[k], dtype=float) for k in ("val_losses", "train_losses")
+                          if r.get(k) is not None})
+                   for r in history]  # (once: every test below reads them)
         tests = []
         for i in range(len(history)):
             if history[i]["epoch"] < self.min_epochs or i < 4:
@@ -313,20 +320,56 @@ def changepoint(values, reach, rows):
     return rows[len(rows) - len(y) + best[1]]["epoch"]
 
 
+def per_photo(rows, split):
+    """(epochs, photos) array of the rows' per-photo `split` losses, or None where any row lacks them or
+    the photo count changed."""
+    photos = [r.get(f"{split}_losses") for r in rows]
+    if any(p is None for p in photos) or len({len(p) for p in photos}) != 1 or len(photos[0]) < 2:
+        return None
+    return np.asarray(photos, dtype=float)
+
+
 def noise(rows, split, notes):
     """The epoch-to-epoch noise (standard deviation) of the mean `split` loss over the last SCATTER_EPOCHS:
     the larger of the paired per-photo estimate (the spread of each photo's change from one epoch to the
     next, over the square root of the photo count and of 2) and the series' own scatter."""
     recent = rows[-SCATTER_EPOCHS:]
     series = scatter([r[f"{split}_loss"] for r in recent])
-    photos = [r.get(f"{split}_losses") for r in recent]
-    if not all(photos) or len({len(p) for p in photos}) != 1 or len(photos[0]) < 2:
+    losses = per_photo(recent, split)
+    if losses is None:
         notes.add(f"per-photo {split} losses were not recorded: the noise is the mean {split} loss's own "
                   "epoch-to-epoch scatter")
         return series
-    changes = np.diff(np.asarray(photos, dtype=float), axis=0)  # each photo against itself
+    changes = np.diff(losses, axis=0)  # each photo against itself
     paired = float(np.sqrt(np.mean(changes.var(axis=1, ddof=1)) / changes.shape[1] / 2))
     return max(paired, series)
+
+
+def judged_val(rows, notes):
+    """The val loss series the divergence rule judges, and its epoch-to-epoch noise. With per-photo losses:
+    each epoch's photos weighted by what a widening shows in them per unit of their noise, the photo's mean
+    loss over the last SCATTER_EPOCHS over its epoch-to-epoch variance there (half the variance of its
+    changes; at least the median photo's, so that a photo always right, near 0 with no noise, weighs
+    little). When a model overfits, the val loss rises in the photos it gets wrong or is unsure of, and
+    those are also the noisiest; the weights follow the signal, not the noise. The noise is the larger of
+    the paired estimate (the photos' variances under those weights) and the weighted series' own scatter.
+    Without per-photo losses, the mean val loss and noise()."""
+    losses = per_photo(rows, "val")
+    if losses is None or len(rows) < 3:
+        spread = noise(rows, "val", notes)
+        if losses is None and not any(n.startswith("per-photo val") for n in notes):
+            notes.add("per-photo val losses were not recorded at every epoch: the mean val loss is judged")
+        return [r["val_loss"] for r in rows], spread
+    recent = losses[-SCATTER_EPOCHS:]
+    variance = np.diff(recent, axis=0).var(axis=0) / 2
+    variance = np.maximum(variance, max(float(np.median(variance)), 1e-12))
+    weights = recent.mean(axis=0) / variance
+    if weights.sum() <= 0:  # (every photo at loss 0)
+        return [r["val_loss"] for r in rows], noise(rows, "val", notes)
+    weights /= weights.sum()
+    val = (losses @ weights).tolist()
+    paired = float(np.sqrt(weights ** 2 @ variance))
+    return val, max(paired, scatter(val[-SCATTER_EPOCHS:]))
 
 
 def scatter(values):

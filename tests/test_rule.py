@@ -77,6 +77,31 @@ def test_a_real_noise_rise_of_0_15_an_epoch_is_found_within_10_epochs_and_kept_n
     assert found >= 32, f"{found} of {runs} divergences found in time and kept within 3 epochs"
 
 
+def test_photos_weighted_by_signal_over_noise_find_a_slower_rise_than_the_mean(real_noise):
+    """A rise of 0.05 an epoch at the real runs' noise: judged on the mean val loss, the rule found about 20 %
+    in time (bench/divergence.py, the rule before the weighting); on the weighted photos it finds about half."""
+    _, found, runs = simulation.simulate(real_noise, 40, 100, 0.05, Divergence(), seed=13)
+    assert found >= 14, f"{found} of {runs} divergences of 0.05 an epoch found in time and kept within 3 epochs"
+
+
+def test_the_judged_val_loss_weighs_always_right_photos_little_and_falls_back_to_the_mean():
+    rng = random.Random(3)
+    rows = []
+    for t in range(1, 41):  # 10 photos always right (loss near 0), 10 unsure (loss near 1, noisy)
+        losses = [abs(rng.gauss(0.001, 0.0002)) for _ in range(10)] + [abs(rng.gauss(1.0, 0.3)) for _ in range(10)]
+        rows.append({"epoch": t, "val_loss": sum(losses) / 20, "val_losses": losses})
+    notes = set()
+    judged, _ = rules.judged_val(rows, notes)
+    moved = [dict(rows[0], val_losses=[v + 0.1 * (i < 10) for i, v in enumerate(rows[0]["val_losses"])])]
+    judged_moved, _ = rules.judged_val(moved + rows[1:], set())  # (epoch 1 is outside the weights' window)
+    assert abs(judged_moved[0] - judged[0]) < 0.01  # the always-right photos' rise of 0.1: under a tenth of it
+    assert abs(judged[-1] - 1.0) < 0.2 and all(v >= 0 for v in judged)
+    assert not notes
+    older = [dict(r, val_losses=None) if r["epoch"] == 5 else r for r in rows]  # one epoch without them
+    mean, _ = rules.judged_val(older, notes)
+    assert mean == [r["val_loss"] for r in rows] and "per-photo val losses were not recorded" in " ".join(notes)
+
+
 def test_a_single_noisy_epoch_is_not_a_widening():
     """One epoch far above the rest (a few photos' losses jump for one epoch, as in real runs) must be
     confirmed by the next before the rule fires."""
