@@ -5,8 +5,8 @@ simulated from real per-photo losses.
     python bench/divergence.py --histories DIR --part report --runs 1000
 
 Every simulated history is made of real noise: the per-photo val and train losses that recorded runs
-wrote every epoch (val_losses.csv, train_losses.csv; bench/ablation.py copies them as
-<run>_<config>.val_losses.csv). From each real run, past its first --skip epochs, each photo's loss is
+wrote every epoch (val_losses.csv, train_losses.csv; bench/ablation.py copies the recipe's stage 1's
+as <cell>_d.val_losses.csv). From each real run, past its first --skip epochs, each photo's loss is
 split into a smooth part (a centred moving mean over --smooth epochs) and its epoch-to-epoch residual;
 an epoch's residuals, one per photo, are kept together (what the whole model does that epoch stays
 what it was), and runs of --block consecutive epochs are drawn together (the noise's memory over a few
@@ -84,8 +84,21 @@ def history(source, epochs, rng, onset=None, rise=0.05, block=3):
     return rows
 
 
+def where_it_rose(val, skip=10, smooth=7):
+    """What a real run's val loss did after its lowest point: the epoch of the lowest moving mean (past
+    `skip`), the mean loss there and over the last 10 epochs, and the share of that change carried by
+    photos whose loss was over 0.5 at the lowest (the wrong or unsure ones)."""
+    trend = np.convolve(val.mean(1), np.ones(smooth) / smooth, mode="valid")
+    low = int(trend[skip:].argmin()) + skip
+    before, after = val[low:low + smooth].mean(0), val[-10:].mean(0)
+    change = after - before
+    share = change[before > 0.5].sum() / change.sum() if change.sum() > 0 else float("nan")
+    return low + smooth // 2 + 1, before.mean(), after.mean(), share
+
+
 def sources(folder, part, skip=10, smooth=7):
-    runs = sorted(p for p in Path(folder).glob("*.val_losses.csv") if part == "all" or p.name.startswith(part))
+    runs = sorted(p for p in Path(folder).glob("*_d.val_losses.csv")  # stage 1 of the recipe (d), not stage 2 (e)
+                  if part == "all" or p.name.startswith(part))
     return {p.name.split(".")[0]: noise_source(per_photo(p), per_photo(p.with_name(p.name.replace("val_", "train_"))),
                                                skip, smooth)
             for p in runs}
@@ -127,8 +140,13 @@ def main():
     t0 = time.perf_counter()
     for name, src in srcs.items():
         level, residual = src["val"]
+        low, before, after, share = where_it_rose(per_photo(args.histories / f"{name}.val_losses.csv"),
+                                                  args.skip, args.smooth)
         print(f"{name}: {len(level)} val photos, level {level.mean():.3f}, {len(residual)} residual epochs, "
-              f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f}")
+              f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f}; past epoch {args.skip} the val loss was "
+              f"lowest around epoch {low} "
+              f"({before:.3f}), last 10 epochs {after:.3f}, {100 * share:.0f} % of that change in photos over 0.5 "
+              "there")
     false_fires, found, runs = simulate(srcs, args.runs, args.epochs, args.rise, rule, args.seed, args.block)
     print(f"{rule.describe()}; {runs} null and {runs} divergent histories of {args.epochs} epochs (rise {args.rise:g} "
           f"per epoch), noise from {len(srcs)} runs ({args.part}); {time.perf_counter() - t0:.0f} s")
