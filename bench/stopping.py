@@ -3,6 +3,7 @@ test photos no choice reads; intervals over runs with the per-run differences; t
 
     python bench/stopping.py --histories bench/histories/vgg13_bn-64-div       # our divergence evidence
     python bench/stopping.py --histories DIR --markdown                          # tables for the docs
+    python bench/stopping.py --histories DIR1 DIR2                                # runs of several folders together
     python bench/stopping.py --replay checkpoints/stage1/metrics.csv [--rule ... --noise-z 3 ...]
 
 A history is a run of model_1e-4.py trained for its whole budget (--rule last: nothing stops it) with
@@ -124,7 +125,8 @@ def replay(args):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--histories", type=Path, default=REPO / "bench" / "histories" / "vgg13_bn-64-div")
+    p.add_argument("--histories", type=Path, nargs="+", default=[REPO / "bench" / "histories" / "vgg13_bn-64-div"],
+                   help="folders of recorded histories, read together")
     p.add_argument("--configs", nargs="+", default=["d"], help="which configurations' histories (ablation.py)")
     p.add_argument("--markdown", action="store_true", help="markdown tables (for docs/measurements.md)")
     p.add_argument("--replay", help="a metrics.csv: print the rule's decision on it as JSON")
@@ -133,7 +135,7 @@ def main():
     if args.replay:
         return replay(args)
     for config in args.configs:
-        runs = {f.stem: read_history(f) for f in sorted(args.histories.glob(f"*_{config}.csv"))}
+        runs = {f.stem: read_history(f) for folder in args.histories for f in sorted(folder.glob(f"*_{config}.csv"))}
         runs = {k: v for k, v in runs.items() if "watch_correct" in v[-1]}
         for part in ("tune", "report"):
             chosen = {k: v for k, v in runs.items() if k.startswith("tune") == (part == "tune")}
