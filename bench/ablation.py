@@ -58,6 +58,7 @@ CONFIGS = {  # name: (label, model_1e-4.py flags)
     "e": ("the recipe + the 1e-7 stage (from d's divergence.pth)", None),
     "e-swa": ("the recipe + the 1e-7 stage from d's swa.pth", None),
 }
+STAGE2_FROM = {"e": "divergence.pth", "e-swa": "swa.pth"}  # the 1e-7 stage: the file of d it starts from
 PART_SEED = 20261129  # splits the classes into a tuning part and a reporting part, once for all cells
 
 
@@ -194,8 +195,8 @@ def train_config(args, cell, name, data, counts, work, histories):
             work / f"{name}.log")
         shutil.copyfile(out / "history.csv", target)
         return
-    if name in ("e", "e-swa"):
-        start = work / "d" / ("swa.pth" if name == "e-swa" else "divergence.pth")
+    if name in STAGE2_FROM:
+        start = work / "d" / STAGE2_FROM[name]
         if not start.is_file():
             print(f"  (skipped: {start} is needed first)", flush=True)
             return
@@ -264,7 +265,7 @@ def kept_bits(name, rows, budget_epochs=None):
     rows = [r for r in rows if budget_epochs is None or r["epoch"] <= budget_epochs]
     if name == "plain":
         return max(rows, key=lambda r: (r["val_acc"], -r["epoch"]))["watch_correct"]
-    if name in ("e", "e-swa"):
+    if name in STAGE2_FROM:
         return rows[-1]["watch_correct"]
     decision = rules.default_rule().observe([r for r in rows if r["epoch"] > 0])
     return next(r for r in rows if r["epoch"] == decision.chosen)["watch_correct"]
@@ -297,10 +298,10 @@ def report(args):
         for budget, cut in budgets:
             mine = [accuracy(kept_bits(name, runs[name][c], cut)) for c in both]
             diff = "-" if name == "d" else intervals.describe_runs([m - d_acc[c] for m, c in zip(mine, both)], signed=True)
-            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if not name.startswith('e') else f'd + {args.stage2_epochs} epochs'}"
+            lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name not in STAGE2_FROM else f'd + {args.stage2_epochs} epochs'}"
                          f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | "
                          f"{intervals.describe_runs(mine)} | {diff} |")
-    for name, start_name in (("e", "divergence.pth"), ("e-swa", "swa.pth")):  # each against its own start
+    for name, start_name in STAGE2_FROM.items():  # each against its own start
         if name not in runs:
             continue
         cells_e = sorted(runs[name])

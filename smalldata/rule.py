@@ -355,21 +355,19 @@ def judged_val(rows, notes):
     the paired estimate (the photos' variances under those weights) and the weighted series' own scatter.
     Without per-photo losses, the mean val loss and noise()."""
     losses = per_photo(rows, "val")
-    if losses is None or len(rows) < 3:
-        spread = noise(rows, "val", notes)
-        if losses is None and not any(n.startswith("per-photo val") for n in notes):
-            notes.add("per-photo val losses were not recorded at every epoch: the mean val loss is judged")
-        return [r["val_loss"] for r in rows], spread
-    recent = losses[-SCATTER_EPOCHS:]
-    variance = np.diff(recent, axis=0).var(axis=0) / 2
-    variance = np.maximum(variance, max(float(np.median(variance)), 1e-12))
-    weights = recent.mean(axis=0) / variance
-    if weights.sum() <= 0:  # (every photo at loss 0)
-        return [r["val_loss"] for r in rows], noise(rows, "val", notes)
-    weights /= weights.sum()
-    val = (losses @ weights).tolist()
-    paired = float(np.sqrt(weights ** 2 @ variance))
-    return val, max(paired, scatter(val[-SCATTER_EPOCHS:]))
+    if losses is not None and len(rows) >= 3:
+        recent = losses[-SCATTER_EPOCHS:]
+        variance = np.diff(recent, axis=0).var(axis=0) / 2
+        variance = np.maximum(variance, max(float(np.median(variance)), 1e-12))
+        weights = recent.mean(axis=0) / variance
+        if weights.sum() > 0:  # (else every photo is at loss 0: the mean)
+            weights /= weights.sum()
+            val = (losses @ weights).tolist()
+            return val, max(float(np.sqrt(weights ** 2 @ variance)), scatter(val[-SCATTER_EPOCHS:]))
+    spread = noise(rows, "val", notes)
+    if losses is None and not any(n.startswith("per-photo val") for n in notes):
+        notes.add("per-photo val losses were not recorded at every epoch: the mean val loss is judged")
+    return [r["val_loss"] for r in rows], spread
 
 
 def scatter(values):
