@@ -104,19 +104,22 @@ def sources(folder, part, skip=10, smooth=7):
             for p in runs}
 
 
-def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3):
-    """(false fires, onsets found in time and kept near, runs) over `runs` null and `runs` divergent histories."""
+def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3, per_source=None):
+    """(false fires, onsets found in time and kept near, runs) over `runs` null and `runs` divergent histories,
+    the noise sources taken in turn; `per_source`, a dict, gets the same three counts for each source."""
     rng = random.Random(seed)
     names = sorted(srcs)
-    false_fires = found = 0
+    tally = {name: [0, 0, 0] for name in names}
     for i in range(runs):
-        source = srcs[names[i % len(names)]]
-        null = rule.observe(history(source, epochs, rng, block=block))
-        false_fires += null.evidence["fired"]
+        name = names[i % len(names)]
+        null = rule.observe(history(srcs[name], epochs, rng, block=block))
         onset = rng.randint(rule.min_epochs + 5, rule.min_epochs + 25)
-        d = rule.observe(history(source, epochs, rng, onset=onset, rise=rise, block=block))
-        found += bool(d.evidence["fired"] and d.evidence["fired_at"] - onset <= 10 and abs(d.chosen - onset) <= 3)
-    return false_fires, found, runs
+        d = rule.observe(history(srcs[name], epochs, rng, onset=onset, rise=rise, block=block))
+        found = d.evidence["fired"] and d.evidence["fired_at"] - onset <= 10 and abs(d.chosen - onset) <= 3
+        tally[name] = [tally[name][0] + null.evidence["fired"], tally[name][1] + bool(found), tally[name][2] + 1]
+    if per_source is not None:
+        per_source.update(tally)
+    return tuple(sum(counts[j] for counts in tally.values()) for j in range(3))
 
 
 def main():
@@ -147,7 +150,10 @@ def main():
               f"lowest around epoch {low} "
               f"({before:.3f}), last 10 epochs {after:.3f}, {100 * share:.0f} % of that change in photos over 0.5 "
               "there")
-    false_fires, found, runs = simulate(srcs, args.runs, args.epochs, args.rise, rule, args.seed, args.block)
+    per_source = {}
+    false_fires, found, runs = simulate(srcs, args.runs, args.epochs, args.rise, rule, args.seed, args.block, per_source)
+    for name, (fires, hits, n) in per_source.items():
+        print(f"  {name}'s noise: false fires {fires}/{n}, found in time and kept near {hits}/{n}")
     print(f"{rule.describe()}; {runs} null and {runs} divergent histories of {args.epochs} epochs (rise {args.rise:g} "
           f"per epoch), noise from {len(srcs)} runs ({args.part}); {time.perf_counter() - t0:.0f} s")
     lo_f, hi_f = intervals.wilson(false_fires, runs)
