@@ -3,6 +3,7 @@ simulated from real per-photo losses.
 
     python bench/divergence.py                                      # the committed histories, 500 + 500 runs
     python bench/divergence.py --histories DIR --part report --runs 1000
+    python bench/divergence.py --histories DIR1 DIR2 --runs 300             # the runs of both folders pooled
 
 Every simulated history is made of real noise: the per-photo val and train losses that recorded runs
 wrote every epoch (val_losses.csv, train_losses.csv; bench/ablation.py copies the recipe's stage 1's
@@ -96,12 +97,17 @@ def where_it_rose(val, skip=10, smooth=7):
     return low + smooth // 2 + 1, before.mean(), after.mean(), share
 
 
-def sources(folder, part, skip=10, smooth=7):
-    runs = sorted(p for p in Path(folder).glob("*_d.val_losses.csv")  # stage 1 of the recipe (d), not stage 2 (e)
-                  if part == "all" or p.name.startswith(part))
-    return {p.name.split(".")[0]: noise_source(per_photo(p), per_photo(p.with_name(p.name.replace("val_", "train_"))),
-                                               skip, smooth)
-            for p in runs}
+def run_files(folders, part):
+    """{run name: its val_losses.csv} of the recipe's stage-1 runs (d, not stage 2's e) in `folders`."""
+    return {p.name.split(".")[0]: p for folder in folders for p in sorted(Path(folder).glob("*_d.val_losses.csv"))
+            if part == "all" or p.name.startswith(part)}
+
+
+def sources(folders, part, skip=10, smooth=7):
+    """Each run's noise source (noise_source), by run name, from one folder or several."""
+    files = run_files([folders] if isinstance(folders, (str, Path)) else folders, part)
+    return {name: noise_source(per_photo(p), per_photo(p.with_name(p.name.replace("val_", "train_"))), skip, smooth)
+            for name, p in files.items()}
 
 
 def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3, per_source=None):
@@ -125,7 +131,8 @@ def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3, per_source=None):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--histories", type=Path, default=HISTORIES, help="recorded runs' per-photo loss files")
+    p.add_argument("--histories", type=Path, nargs="+", default=[HISTORIES],
+                   help="folders of recorded runs' per-photo loss files (several: their runs pooled)")
     p.add_argument("--part", default="all", help="tune, report or all: whose noise is simulated")
     p.add_argument("--runs", type=int, default=500, help="null histories, and as many divergent ones")
     p.add_argument("--epochs", type=int, default=100, help="epochs per simulated history (stage 1's budget)")
@@ -136,14 +143,14 @@ def main():
     p.add_argument("--block", type=int, default=3, help="consecutive residual epochs drawn together")
     rules.Divergence.add_flags(p)
     args = p.parse_args()
-    srcs = sources(args.histories, args.part, args.skip, args.smooth)
+    files, srcs = run_files(args.histories, args.part), sources(args.histories, args.part, args.skip, args.smooth)
     if not srcs:
-        sys.exit(f"no per-photo loss files (*.val_losses.csv) in {args.histories}")
+        sys.exit(f"no per-photo loss files (*_d.val_losses.csv) in {', '.join(map(str, args.histories))}")
     rule = rules.Divergence.from_flags(args)
     t0 = time.perf_counter()
     for name, src in srcs.items():
         level, residual = src["val"]
-        low, before, after, share = where_it_rose(per_photo(args.histories / f"{name}.val_losses.csv"),
+        low, before, after, share = where_it_rose(per_photo(files[name]),
                                                   args.skip, args.smooth)
         print(f"{name}: {len(level)} val photos, level {level.mean():.3f}, {len(residual)} residual epochs, "
               f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f}; past epoch {args.skip} the val loss was "
