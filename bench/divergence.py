@@ -122,10 +122,11 @@ def simulate(srcs, runs, epochs, rise, rule, seed=0, block=3, per_source=None):
         onset = rng.randint(rule.min_epochs + 5, rule.min_epochs + 25)
         d = rule.observe(history(srcs[name], epochs, rng, onset=onset, rise=rise, block=block))
         found = d.evidence["fired"] and d.evidence["fired_at"] - onset <= 10 and abs(d.chosen - onset) <= 3
-        tally[name] = [tally[name][0] + null.evidence["fired"], tally[name][1] + bool(found), tally[name][2] + 1]
+        counts = tally[name]
+        counts[0], counts[1], counts[2] = counts[0] + null.evidence["fired"], counts[1] + bool(found), counts[2] + 1
     if per_source is not None:
         per_source.update(tally)
-    return tuple(sum(counts[j] for counts in tally.values()) for j in range(3))
+    return tuple(map(sum, zip(*tally.values())))
 
 
 def main():
@@ -153,7 +154,8 @@ def main():
         low, before, after, share = where_it_rose(per_photo(files[name]),
                                                   args.skip, args.smooth)
         print(f"{name}: {len(level)} val photos, level {level.mean():.3f}, {len(residual)} residual epochs, "
-              f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f}; past epoch {args.skip} the val loss was "
+              f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f} "
+              f"({np.sqrt(residual.var(0).mean() / len(level)):.3f} were the photos independent); past epoch {args.skip} the val loss was "
               f"lowest around epoch {low} "
               f"({before:.3f}), last 10 epochs {after:.3f}, {100 * share:.0f} % of that change in photos over 0.5 "
               "there")
