@@ -97,6 +97,13 @@ def where_it_rose(val, skip=10, smooth=7):
     return low + smooth // 2 + 1, before.mean(), after.mean(), share
 
 
+def shared_share(residual):
+    """The share of the photos' residual variance along its first principal component: how much of the
+    noise is one pattern the photos move in together (with loadings of either sign)."""
+    singular = np.linalg.svd(residual - residual.mean(0), compute_uv=False)
+    return float(singular[0] ** 2 / (singular ** 2).sum())
+
+
 def run_files(folders, part):
     """{run name: its val_losses.csv} of the recipe's stage-1 runs (d, not stage 2's e) in `folders`."""
     return {p.name.split(".")[0]: p for folder in folders for p in sorted(Path(folder).glob("*_d.val_losses.csv"))
@@ -155,7 +162,9 @@ def main():
                                                   args.skip, args.smooth)
         print(f"{name}: {len(level)} val photos, level {level.mean():.3f}, {len(residual)} residual epochs, "
               f"epoch-to-epoch sd of the mean {residual.mean(1).std():.3f} "
-              f"({np.sqrt(residual.var(0).mean() / len(level)):.3f} were the photos independent); past epoch {args.skip} the val loss was "
+              f"({np.sqrt(residual.var(0).mean() / len(level)):.3f} were the photos independent; "
+              f"{100 * shared_share(residual):.0f} % of the photos' residual variance on one shared pattern); "
+              f"past epoch {args.skip} the val loss was "
               f"lowest around epoch {low} "
               f"({before:.3f}), last 10 epochs {after:.3f}, {100 * share:.0f} % of that change in photos over 0.5 "
               "there")

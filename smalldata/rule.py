@@ -191,17 +191,19 @@ class Divergence(Rule):
             "the rule fires at the first t where this holds at t and at t - 1 (CONFIRM epochs), and keeps the "
             "held epoch nearest to the onset: the b whose broken line fits the last reach + BEFORE epochs best "
             "(least squares; from where the loss settled, if that is later). The val loss judged is a weighted "
-            "mean of the per-photo losses: each photo by its recent mean loss over its epoch-to-epoch variance "
-            "(at least the median photo's), since an overfitting model's val loss rises in the photos it gets "
-            "wrong or is unsure of. A standard error comes from the epoch-to-epoch noise, measured two ways, "
-            "the larger kept: from the photos, each compared with itself from one epoch to the next (paired), "
-            "and from the series' own scatter (its second differences, which also hold what all photos do "
-            "together). Until it fires, the steady best-val epoch is kept. Without per-photo losses (an older "
+            "mean of the per-photo losses, with the weights that see a rise best through the photos' noise: the "
+            "photos' recent mean losses (an overfitting model's val loss rises in the photos it gets wrong or is "
+            "unsure of) times the inverse covariance of their epoch-to-epoch changes (photos that jitter together "
+            "count as such; correlations shrunk towards zero, Schafer-Strimmer), negative weights set to 0. The "
+            "plain mean val loss must rise too (a positive rate on the same broken line), so a few photos rising "
+            "while the val loss falls is not a widening. A standard error comes from the epoch-to-epoch noise, "
+            "the larger of what that covariance gives the judged loss and the series' own scatter (its second "
+            "differences). Until it fires, the steady best-val epoch is kept. Without per-photo losses (an older "
             "metrics.csv), the mean val loss and its scatter alone.")
 
     def describe(self):
-        return (f"divergence: from epoch {self.min_epochs}, the val loss (photos weighted by signal over noise) "
-                f"must rise and the val-train loss gap "
+        return (f"divergence: from epoch {self.min_epochs}, the val loss (photos weighted by signal over noise, "
+                f"their joint jitter included; the plain mean rising too) must rise and the val-train loss gap "
                 f"widen from a flat level, each by more than {self.z:g} standard errors of their epoch-to-epoch "
                 f"noise, the rise begun at most {self.reach} epochs back; the epoch where it began is kept"
                 + ("" if self.early_stop else "; --no-early-stop: training goes on after it fires"))
@@ -209,6 +211,7 @@ class Divergence(Rule):
     def test(self, rows, notes):
         """The best broken line ending at rows[-1]: where the rise began, its rates and their z."""
         val, noise_val = judged_val(rows, notes)
+        mean = [r["val_loss"] for r in rows]
         gap = [v - r["train_loss"] for v, r in zip(val, rows)]
         noise_gap = max(math.hypot(noise_val, noise(rows, "train", notes)), scatter(gap[-SCATTER_EPOCHS:]), 1e-9)
         noise_val = max(noise_val, 1e-9)  # (a constant series: no noise)
@@ -219,12 +222,12 @@ class Divergence(Rule):
             r_gap, _ = hinge(gap[start:], k - start)
             z_val, z_gap = r_val / (noise_val * f), r_gap / (noise_gap * f)
             if best is None or min(z_val, z_gap) > min(best[1], best[2]):
-                best = (rows[k]["epoch"], z_val, z_gap, r_val, r_gap)
-        _, z_val, z_gap, r_val, r_gap = best
+                best = (rows[k]["epoch"], z_val, z_gap, r_val, r_gap, hinge(mean[start:], k - start)[0])
+        _, z_val, z_gap, r_val, r_gap, r_mean = best
         began = changepoint(val[settled(val, noise_val, self.reach):], self.reach, rows)
         return {"epoch": rows[-1]["epoch"], "began": began, "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
                 "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
-                "widening": bool(z_val > self.z and z_gap > self.z)}
+                "mean_rate": round(r_mean, 5), "widening": bool(z_val > self.z and z_gap > self.z and r_mean > 0)}
 
     def replay(self, history, notes=None):
         """The tests over the history, and whether and where the rule fired."""
@@ -347,27 +350,62 @@ def noise(rows, split, notes):
 
 def judged_val(rows, notes):
     """The val loss series the divergence rule judges, and its epoch-to-epoch noise. With per-photo losses:
-    each epoch's photos weighted by what a widening shows in them per unit of their noise, the photo's mean
-    loss over the last SCATTER_EPOCHS over its epoch-to-epoch variance there (half the variance of its
-    changes; at least the median photo's, so that a photo always right, near 0 with no noise, weighs
-    little). When a model overfits, the val loss rises in the photos it gets wrong or is unsure of, and
-    those are also the noisiest; the weights follow the signal, not the noise. The noise is the larger of
-    the paired estimate (the photos' variances under those weights) and the weighted series' own scatter.
-    Without per-photo losses, the mean val loss and noise()."""
+    a weighted mean of each epoch's photo losses, with the weights that see a rise best through the noise
+    (generalised least squares: the noise's inverse covariance applied to the signal), those below 0 set
+    to 0 so that it stays a mean of losses. The signal is each photo's mean loss over the last
+    SCATTER_EPOCHS: when a model overfits, the val loss rises in the photos it gets wrong or is unsure of.
+    The noise is the photos' epoch-to-epoch changes there, photos that jitter together included
+    (shrunk_covariance). The series' noise is the larger of what that covariance gives the weighted loss
+    and the weighted series' own scatter. Without per-photo losses, the mean val loss and noise()."""
     losses = per_photo(rows, "val")
     if losses is not None and len(rows) >= 3:
         recent = losses[-SCATTER_EPOCHS:]
-        variance = np.diff(recent, axis=0).var(axis=0) / 2
-        variance = np.maximum(variance, max(float(np.median(variance)), 1e-12))
-        weights = recent.mean(axis=0) / variance
+        diagonal, factor = shrunk_covariance(np.diff(recent, axis=0) / math.sqrt(2))
+        weights = np.maximum(solve(diagonal, factor, recent.mean(axis=0)), 0.0)
         if weights.sum() > 0:  # (else every photo is at loss 0: the mean)
             weights /= weights.sum()
             val = (losses @ weights).tolist()
-            return val, max(float(np.sqrt(weights ** 2 @ variance)), scatter(val[-SCATTER_EPOCHS:]))
+            spread = math.sqrt(max(float(weights ** 2 @ diagonal + np.sum((factor.T @ weights) ** 2)), 0.0))
+            return val, max(spread, scatter(val[-SCATTER_EPOCHS:]))
     spread = noise(rows, "val", notes)
     if losses is None and not any(n.startswith("per-photo val") for n in notes):
         notes.add("per-photo val losses were not recorded at every epoch: the mean val loss is judged")
     return [r["val_loss"] for r in rows], spread
+
+
+def shrunk_covariance(changes):
+    """The covariance of the photos' epoch-to-epoch noise from `changes` (epochs x photos), as
+    diag(diagonal) + factor @ factor.T. With fewer epochs than photos the sample covariance cannot be
+    inverted, so its correlations are shrunk towards zero by the Schafer-Strimmer intensity (the
+    correlations' estimated sampling variance over their squares; Schafer & Strimmer 2005, sums over
+    photo pairs i != j), the variances kept; a variance below the median photo's is raised to it (a photo
+    always right, near loss 0 with no noise, must not weigh without bound). Every sum is taken in the
+    epochs x epochs space, so any number of photos costs little."""
+    x = changes - changes.mean(axis=0)
+    n = len(x)
+    variance = (x ** 2).sum(axis=0) / max(n - 1, 1)
+    floor = max(float(np.median(variance)), 1e-12)
+    if n < 3:
+        return np.maximum(variance, floor), np.zeros((len(variance), 0))
+    y = x / np.sqrt(np.where(variance > 0, variance, 1.0))  # standardised (a photo that never moved stays 0)
+    # w[k,i,j] = y[k,i] y[k,j]; over pairs i != j: sum of mean(w)^2, and sum over k of w^2
+    per_photo_squares = (y ** 2).sum(axis=0) / n
+    mean_w_squared = float(np.sum((y @ y.T) ** 2)) / n ** 2 - float(per_photo_squares @ per_photo_squares)
+    per_epoch_squares = (y ** 2).sum(axis=1)
+    w_squared = float(per_epoch_squares @ per_epoch_squares) - float((y ** 4).sum())
+    correlation_squares = mean_w_squared * n ** 2 / (n - 1) ** 2
+    sampling_variance = n / (n - 1) ** 3 * (w_squared - n * mean_w_squared)
+    shrink = min(1.0, max(0.0, sampling_variance / correlation_squares)) if correlation_squares > 0 else 1.0
+    shrink = max(shrink, 1e-3)  # (some shrinking keeps the covariance invertible)
+    diagonal = np.maximum(shrink * variance + np.maximum(floor - variance, 0.0), 1e-3 * floor)
+    return diagonal, x.T * math.sqrt((1 - shrink) / (n - 1))
+
+
+def solve(diagonal, factor, signal):
+    """(diag(diagonal) + factor @ factor.T)^-1 @ signal, by the Woodbury identity (an epochs x epochs solve)."""
+    scaled = factor / diagonal[:, None]
+    inner = np.eye(factor.shape[1]) + factor.T @ scaled
+    return signal / diagonal - scaled @ np.linalg.solve(inner, scaled.T @ signal)
 
 
 def scatter(values):
