@@ -211,7 +211,6 @@ class Divergence(Rule):
     def test(self, rows, notes):
         """The best broken line ending at rows[-1]: where the rise began, its rates and their z."""
         val, noise_val = judged_val(rows, notes)
-        mean = [r["val_loss"] for r in rows]
         gap = [v - r["train_loss"] for v, r in zip(val, rows)]
         noise_gap = max(math.hypot(noise_val, noise(rows, "train", notes)), scatter(gap[-SCATTER_EPOCHS:]), 1e-9)
         noise_val = max(noise_val, 1e-9)  # (a constant series: no noise)
@@ -222,8 +221,10 @@ class Divergence(Rule):
             r_gap, _ = hinge(gap[start:], k - start)
             z_val, z_gap = r_val / (noise_val * f), r_gap / (noise_gap * f)
             if best is None or min(z_val, z_gap) > min(best[1], best[2]):
-                best = (rows[k]["epoch"], z_val, z_gap, r_val, r_gap, hinge(mean[start:], k - start)[0])
-        _, z_val, z_gap, r_val, r_gap, r_mean = best
+                best = (k, z_val, z_gap, r_val, r_gap)
+        k, z_val, z_gap, r_val, r_gap = best
+        start = max(0, k - BEFORE)
+        r_mean, _ = hinge([r["val_loss"] for r in rows[start:]], k - start)  # (the plain mean, on the best line)
         began = changepoint(val[settled(val, noise_val, self.reach):], self.reach, rows)
         return {"epoch": rows[-1]["epoch"], "began": began, "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
                 "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
