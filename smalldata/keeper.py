@@ -57,12 +57,12 @@ class Writer:
 
 
 def device_room(model):
-    """True when a dozen copies of the model's weights fit in a quarter of its GPU's free memory."""
+    """True when 20 copies of the model's weights fit in a quarter of its GPU's free memory."""
     first = next(iter(model.parameters()), None)
     if first is None or not first.is_cuda:
         return False
     size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return 12 * size < 0.25 * torch.cuda.mem_get_info(first.device)[0]
+    return 20 * size < 0.25 * torch.cuda.mem_get_info(first.device)[0]
 
 
 def summary(row):
@@ -89,7 +89,7 @@ class Keeper:
 
     def snapshot(self, model, row, needed):
         """Keep a copy of this epoch's weights; forget epochs no decision can pick any more. On a GPU with
-        room for a dozen copies (a quarter of the free memory), the copies stay on the GPU: a device copy
+        room for 20 copies (a quarter of the free memory), the copies stay on the GPU: a device copy
         takes a fraction of a millisecond where a host copy of 0.5 GB stalls training; files are moved to
         the host by the writer thread."""
         if self.on_device is None:

@@ -171,14 +171,18 @@ class SteadyBest(Rule):
 class Divergence(Rule):
     """The recipe's rule: stop where the train/validation gap starts to widen beyond noise."""
     min_epochs: int = 10  # no decision before this epoch
-    z: float = 4.5  # standard errors the rise must exceed (calibrated: bench/divergence.py, tuning part)
+    z: float = 5.0  # standard errors the val loss's rise must exceed (calibrated: bench/divergence.py, tuning part)
+    gap_z: float = 2.0  # standard errors the gap's widening must exceed (the train loss does not rise alike)
     reach: int = 15  # how many epochs back the widening may have begun
     early_stop: bool = True  # stop when it fires (False: train on; the kept epoch is the same)
     name = "divergence"
     help = "stop where the train/val gap starts to widen beyond noise, keep the epoch where it began (the recipe's)"
     flags = {
         "min_epochs": ("--min-epochs", dict(type=positive_int, help="divergence rule: no decision before this epoch")),
-        "z": ("--noise-z", dict(type=positive_float, help="divergence rule: standard errors the rise must exceed")),
+        "z": ("--noise-z", dict(type=positive_float, help="divergence rule: standard errors the val loss's rise "
+                                                          "must exceed")),
+        "gap_z": ("--gap-z", dict(type=positive_float, help="divergence rule: standard errors the val-train loss "
+                                                             "gap's widening must exceed")),
         "reach": ("--gap-reach", dict(type=positive_int, help="divergence rule: epochs back that the widening may "
                                                                "have begun")),
         "early_stop": ("--no-early-stop", dict(action="store_false", help="divergence rule: train every epoch even "
@@ -187,10 +191,12 @@ class Divergence(Rule):
     }
     text = ("At each epoch t >= min_epochs, for every epoch b up to `reach` epochs back, a broken line is fitted "
             "to the val loss from BEFORE epochs before b to t: flat up to b, then rising at a rate r (and alike to "
-            "the gap, val loss minus train loss). The widening began when both rates exceed z standard errors; "
-            "the rule fires at the first t where this holds at t and at t - 1 (CONFIRM epochs), and keeps the "
-            "held epoch nearest to the onset: the b whose broken line fits the last reach + BEFORE epochs best "
-            "(least squares; from where the loss settled, if that is later). The val loss judged is a weighted "
+            "the gap, val loss minus train loss). The widening began when the val loss's rate exceeds z standard "
+            "errors and the gap's gap_z (the train loss does not rise alike); the rule fires at the first t where "
+            "this holds at t and at t - 1 (CONFIRM epochs). Where the rise began is weighed over the last reach "
+            "epochs: each b by how well its broken line fits the val loss of the last reach + BEFORE epochs (from "
+            "where the loss settled, if that is later), as a likelihood exp(-SSE / 2 noise^2); the rule keeps the "
+            "held epoch most likely within 3 epochs of the onset (NEAR). The val loss judged is a weighted "
             "mean of the per-photo losses, with the weights that see a rise best through the photos' noise: the "
             "photos' recent mean losses (an overfitting model's val loss rises in the photos it gets wrong or is "
             "unsure of) times the inverse covariance of their epoch-to-epoch changes (photos that jitter together "
@@ -204,8 +210,9 @@ class Divergence(Rule):
     def describe(self):
         return (f"divergence: from epoch {self.min_epochs}, the val loss (photos weighted by signal over noise, "
                 f"their joint jitter included; the plain mean rising too) must rise and the val-train loss gap "
-                f"widen from a flat level, each by more than {self.z:g} standard errors of their epoch-to-epoch "
-                f"noise, the rise begun at most {self.reach} epochs back; the epoch where it began is kept"
+                f"widen from a flat level, by more than {self.z:g} and {self.gap_z:g} standard errors of their "
+                f"epoch-to-epoch noise, the rise begun at most {self.reach} epochs back; the held epoch most likely "
+                f"within {NEAR} epochs of where it began is kept"
                 + ("" if self.early_stop else "; --no-early-stop: training goes on after it fires"))
 
     def test(self, rows, notes):
@@ -220,15 +227,31 @@ class Divergence(Rule):
             r_val, f = hinge(val[start:], k - start)
             r_gap, _ = hinge(gap[start:], k - start)
             z_val, z_gap = r_val / (noise_val * f), r_gap / (noise_gap * f)
-            if best is None or min(z_val, z_gap) > min(best[1], best[2]):
+            if best is None or min(z_val / self.z, z_gap / self.gap_z) > min(best[1] / self.z, best[2] / self.gap_z):
                 best = (k, z_val, z_gap, r_val, r_gap)
         k, z_val, z_gap, r_val, r_gap = best
         start = max(0, k - BEFORE)
         r_mean, _ = hinge([r["val_loss"] for r in rows[start:]], k - start)  # (the plain mean, on the best line)
-        began = changepoint(val[settled(val, noise_val, self.reach):], self.reach, rows)
-        return {"epoch": rows[-1]["epoch"], "began": began, "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
+        odds = self.onset_odds(rows, val, noise_val)
+        return {"epoch": rows[-1]["epoch"], "began": max(odds, key=odds.get), "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
                 "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
-                "mean_rate": round(r_mean, 5), "widening": bool(z_val > self.z and z_gap > self.z and r_mean > 0)}
+                "mean_rate": round(r_mean, 5), "widening": bool(z_val > self.z and z_gap > self.gap_z and r_mean > 0)}
+
+    def onset_odds(self, rows, val, noise_val):
+        """{epoch b: the probability that the rise began after b}, over the last `reach` epochs but two: each b
+        weighed by how well its broken line (flat up to b, then linear) fits the judged val loss since it
+        settled, as the likelihood exp(-SSE / 2 noise^2) of that fit (a flat prior over b)."""
+        y = np.asarray(val[settled(val, noise_val, self.reach):], dtype=float)
+        sse = {}
+        for k in range(max(1, len(y) - 1 - self.reach), len(y) - 2):  # (every b judged on the same epochs)
+            u = np.maximum(0, np.arange(len(y)) - k).astype(float)
+            x = np.stack([np.ones_like(u), u], 1)
+            residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
+            sse[rows[len(rows) - len(y) + k]["epoch"]] = float(residual @ residual)
+        low = min(sse.values())
+        likelihood = {b: math.exp(-(v - low) / (2 * noise_val ** 2)) for b, v in sse.items()}
+        total = sum(likelihood.values())
+        return {b: v / total for b, v in likelihood.items()}
 
     def replay(self, history, notes=None):
         """The tests over the history, and whether and where the rule fired."""
@@ -242,8 +265,10 @@ class Divergence(Rule):
                 continue
             tests.append(self.test(history[:i + 1], notes))
             if len(tests) >= CONFIRM and all(t["widening"] for t in tests[-CONFIRM:]):  # (one odd epoch is not enough)
+                val, noise_val = judged_val(history[:i + 1], set())
+                odds = self.onset_odds(history[:i + 1], val, max(noise_val, 1e-9))
                 return {"fired": True, "fired_at": history[i]["epoch"], "widening_start": tests[-1]["began"],
-                        "tests": tests}
+                        "onset_odds": [[b, round(p, 4)] for b, p in odds.items()], "tests": tests}
         return {"fired": False, "tests": tests}
 
     def observe(self, history, available=None):
@@ -253,11 +278,12 @@ class Divergence(Rule):
             began, upto = found["widening_start"], [r for r in history if r["epoch"] <= found["fired_at"]]
             held = self.candidates(upto[:-1]) | {found["fired_at"]} if len(upto) > 1 else {found["fired_at"]}
             losses = dict(zip((r["epoch"] for r in upto), smoothed([r["val_loss"] for r in upto], 1)))
-            chosen = min(held, key=lambda e: (abs(e - began), losses[e], e))
-            reason = (f"the gap widened beyond noise: from epoch {began} the val loss rose and the val-train loss "
-                      f"gap widened, each beyond {self.z:g} standard errors by epoch {found['fired_at']}; kept epoch "
-                      f"{chosen}, the epoch held nearest to {began} (on a tie, the lower val loss, 3-epoch centred "
-                      f"mean)")
+            near = {e: sum(p for b, p in found["onset_odds"] if abs(b - e) <= NEAR) for e in held}
+            chosen = max(held, key=lambda e: (round(near[e], 6), -abs(e - began), -losses[e], -e))
+            reason = (f"the gap widened beyond noise: from epoch {began} (the likeliest onset) the val loss rose and "
+                      f"the val-train loss gap widened, beyond {self.z:g} and {self.gap_z:g} standard errors by epoch "
+                      f"{found['fired_at']}; kept epoch {chosen}, of the epochs held the one most likely within "
+                      f"{NEAR} epochs of the onset ({100 * near[chosen]:.0f} %)")
             needed = {chosen}
         else:
             chosen = steady_best(history, 2, available)
@@ -273,8 +299,8 @@ class Divergence(Rule):
     def candidates(self, history):
         """The epochs a later firing may keep, few enough to hold in memory: in every block of BLOCK epochs
         (counted from epoch 1) that a widening found later may reach, the one of lowest smoothed val loss
-        whose mean is final, and the newest epoch (whose mean is not). Any 7 epochs in a row hold a whole
-        block, so each epoch where a widening may begin has a candidate within 3 epochs of it."""
+        whose mean is final (the val loss is lowest where a rise begins), and the newest epoch (whose mean
+        is not). Each epoch where a widening may begin has a candidate within BLOCK - 1 epochs: its block's."""
         last = history[-1]["epoch"]
         losses = dict(zip((r["epoch"] for r in history), smoothed([r["val_loss"] for r in history], 1)))
         blocks = {}
@@ -285,7 +311,8 @@ class Divergence(Rule):
 
 BEFORE = 8  # epochs of the flat level before a rise, in the broken-line fit
 CONFIRM = 2  # consecutive epochs whose tests must all find the widening (a single noisy epoch is not one)
-BLOCK = 4  # the divergence rule holds one candidate epoch per this many epochs
+BLOCK = 2  # the divergence rule holds one candidate epoch per this many epochs
+NEAR = 3  # the kept epoch is the held one most likely within this many epochs of the onset
 SCATTER_EPOCHS = 30  # the epoch-to-epoch noise is measured over the last this many epochs
 
 
@@ -306,22 +333,6 @@ def settled(val, noise_val, reach):
     low = min(level)
     first = next(i for i, v in enumerate(level) if v <= low + 2 * noise_val)
     return max(len(val) - (reach + BEFORE + 1), min(first, len(val) - 5))
-
-
-def changepoint(values, reach, rows):
-    """The epoch where the rise began: among the last `reach` epochs but two, the k whose broken line
-    (flat up to k, then linear) fits all of `values` best, by least squares (every k judged on the same
-    epochs, so a longer or shorter stretch cannot favour one)."""
-    y = np.asarray(values, dtype=float)
-    best = None
-    for k in range(max(1, len(y) - 1 - reach), len(y) - 2):
-        u = np.maximum(0, np.arange(len(y)) - k).astype(float)
-        x = np.stack([np.ones_like(u), u], 1)
-        residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
-        sse = float(residual @ residual)
-        if best is None or sse < best[0]:
-            best = (sse, k)
-    return rows[len(rows) - len(y) + best[1]]["epoch"]
 
 
 def per_photo(rows, split):
