@@ -28,7 +28,12 @@ def interrupt(script, *args, when, cwd=REPO, timeout=600):
     """Start the script in a process group of its own, send SIGINT to the group once when() holds, and
     return (exit code, stderr) after every process of the group has ended."""
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    proc = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
+    # Ctrl-C as a terminal's foreground job gets it: a process started with SIGINT ignored (a shell's
+    # background job, nohup ... &, and so this suite when run that way) passes that on to its children, and
+    # Python then never turns SIGINT into KeyboardInterrupt. The script is exec'd with SIGINT at its default.
+    foreground = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])")
+    proc = subprocess.Popen([sys.executable, "-c", foreground, str(REPO / script), *map(str, args)], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + timeout
     while not when() and proc.poll() is None and time.time() < deadline:
