@@ -297,10 +297,12 @@ def report(args):
         budgets = [("equal steps", None)] + ([(f"equal epochs ({args.epochs})", args.epochs)] if name == "a" else [])
         for budget, cut in budgets:
             mine = [accuracy(kept_bits(name, runs[name][c], cut)) for c in both]
-            # (a stage 2 started from the d checkpoint of its recording, which today's rule may no longer keep:
-            # it is compared with its own start, below)
-            diff = "-" if name == "d" else "its own start: below" if name in STAGE2_FROM else intervals.describe_runs(
-                [m - d_acc[c] for m, c in zip(mine, both)], signed=True)
+            if name == "d":
+                diff = "-"
+            elif name in STAGE2_FROM:  # (started from the d checkpoint of its recording, which today's rule may
+                diff = "its own start: below"  # no longer keep: it is compared with its own start, below)
+            else:
+                diff = intervals.describe_runs([m - d_acc[c] for m, c in zip(mine, both)], signed=True)
             lines.append(f"| {name}: {CONFIGS[name][0]} | {budget if name not in STAGE2_FROM else f'd + {args.stage2_epochs} epochs'}"
                          f"{'' if len(both) == len(cells) else f' ({len(both)} cells)'} | "
                          f"{intervals.describe_runs(mine)} | {diff} |")

@@ -216,7 +216,8 @@ class Divergence(Rule):
                 + ("" if self.early_stop else "; --no-early-stop: training goes on after it fires"))
 
     def test(self, rows, notes):
-        """The best broken line ending at rows[-1]: where the rise began, its rates and their z."""
+        """The best broken line ending at rows[-1]: where the rise began, its rates and their z (JSON), and the
+        odds of each onset (onset_odds)."""
         val, noise_val = judged_val(rows, notes)
         gap = [v - r["train_loss"] for v, r in zip(val, rows)]
         noise_gap = max(math.hypot(noise_val, noise(rows, "train", notes)), scatter(gap[-SCATTER_EPOCHS:]), 1e-9)
@@ -233,9 +234,10 @@ class Divergence(Rule):
         start = max(0, k - BEFORE)
         r_mean, _ = hinge([r["val_loss"] for r in rows[start:]], k - start)  # (the plain mean, on the best line)
         odds = self.onset_odds(rows, val, noise_val)
-        return {"epoch": rows[-1]["epoch"], "began": max(odds, key=odds.get), "val_rate": round(r_val, 5), "val_z": round(z_val, 2),
-                "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2), "val_noise": round(noise_val, 5),
-                "mean_rate": round(r_mean, 5), "widening": bool(z_val > self.z and z_gap > self.gap_z and r_mean > 0)}
+        return {"epoch": rows[-1]["epoch"], "began": max(odds, key=odds.get), "val_rate": round(r_val, 5),
+                "val_z": round(z_val, 2), "gap_rate": round(r_gap, 5), "gap_z": round(z_gap, 2),
+                "val_noise": round(noise_val, 5), "mean_rate": round(r_mean, 5),
+                "widening": bool(z_val > self.z and z_gap > self.gap_z and r_mean > 0)}, odds
 
     def onset_odds(self, rows, val, noise_val):
         """{epoch b: the probability that the rise began after b}, over the last `reach` epochs but two: each b
@@ -263,10 +265,9 @@ class Divergence(Rule):
         for i in range(len(history)):
             if history[i]["epoch"] < self.min_epochs or i < 4:
                 continue
-            tests.append(self.test(history[:i + 1], notes))
+            result, odds = self.test(history[:i + 1], notes)
+            tests.append(result)
             if len(tests) >= CONFIRM and all(t["widening"] for t in tests[-CONFIRM:]):  # (one odd epoch is not enough)
-                val, noise_val = judged_val(history[:i + 1], set())
-                odds = self.onset_odds(history[:i + 1], val, max(noise_val, 1e-9))
                 return {"fired": True, "fired_at": history[i]["epoch"], "widening_start": tests[-1]["began"],
                         "onset_odds": [[b, round(p, 4)] for b, p in odds.items()], "tests": tests}
         return {"fired": False, "tests": tests}

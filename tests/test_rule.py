@@ -104,7 +104,8 @@ def test_photos_weighted_through_their_joint_noise_find_a_slower_rise_than_the_m
 def test_a_few_photos_rising_while_the_val_loss_falls_is_not_a_widening():
     """report-17's first 14 epochs (a recorded run): the model still learning, the mean val loss falling, a few
     photos' losses rising fast. The weighted val loss and the gap rise beyond the threshold at three epochs
-    in a row there; the plain mean's fall keeps the rule from firing (it fired at epoch 12 and kept epoch 4 before the plain mean was asked)."""
+    in a row there; the plain mean's fall keeps the rule from firing (it fired at epoch 12 and kept epoch 4
+    before the plain mean was asked)."""
     path = simulation.REPO / "bench" / "histories" / "vgg13_bn-64-div-fresh" / "report-17_d.csv"
     rows = [r for r in read_history(path) if r["epoch"] > 0][:14]
     rule = Divergence()
