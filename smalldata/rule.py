@@ -194,8 +194,9 @@ class Divergence(Rule):
             "the gap, val loss minus train loss). The widening began when the val loss's rate exceeds z standard "
             "errors and the gap's gap_z (the train loss does not rise alike); the rule fires at the first t where "
             "this holds at t and at t - 1 (CONFIRM epochs). Where the rise began is weighed over the last reach "
-            "epochs: each b by how well its broken line fits the val loss of the last reach + BEFORE epochs (from "
-            "where the loss settled, if that is later), as a likelihood exp(-SSE / 2 noise^2); the rule keeps the "
+            "epochs: each b by its broken line's marginal likelihood on the val loss of the last reach + BEFORE "
+            "epochs (from where the loss settled, if that is later), the line's level and rate integrated out: "
+            "exp(-SSE / 2 noise^2) / sqrt(det(X'X)); the rule keeps the "
             "held epoch most likely within 3 epochs of the onset (NEAR). The val loss judged is a weighted "
             "mean of the per-photo losses, with the weights that see a rise best through the photos' noise: the "
             "photos' recent mean losses (an overfitting model's val loss rises in the photos it gets wrong or is "
@@ -241,17 +242,20 @@ class Divergence(Rule):
 
     def onset_odds(self, rows, val, noise_val):
         """{epoch b: the probability that the rise began after b}, over the last `reach` epochs but two: each b
-        weighed by how well its broken line (flat up to b, then linear) fits the judged val loss since it
-        settled, as the likelihood exp(-SSE / 2 noise^2) of that fit (a flat prior over b)."""
+        weighed by the marginal likelihood of its broken line (flat up to b, then linear) on the judged val
+        loss since it settled, the line's level and rate integrated out under flat priors:
+        exp(-SSE / 2 noise^2) / sqrt(det(X'X)), X the line's two columns (a flat prior over b). The best fit
+        alone (SSE) favours early onsets, whose rate is fitted to more epochs; the determinant counts that."""
         y = np.asarray(val[settled(val, noise_val, self.reach):], dtype=float)
-        sse = {}
+        log_likelihood = {}
         for k in range(max(1, len(y) - 1 - self.reach), len(y) - 2):  # (every b judged on the same epochs)
             u = np.maximum(0, np.arange(len(y)) - k).astype(float)
             x = np.stack([np.ones_like(u), u], 1)
             residual = y - x @ np.linalg.lstsq(x, y, rcond=None)[0]
-            sse[rows[len(rows) - len(y) + k]["epoch"]] = float(residual @ residual)
-        low = min(sse.values())
-        likelihood = {b: math.exp(-(v - low) / (2 * noise_val ** 2)) for b, v in sse.items()}
+            log_likelihood[rows[len(rows) - len(y) + k]["epoch"]] = (
+                -float(residual @ residual) / (2 * noise_val ** 2) - 0.5 * math.log(np.linalg.det(x.T @ x)))
+        top = max(log_likelihood.values())
+        likelihood = {b: math.exp(v - top) for b, v in log_likelihood.items()}
         total = sum(likelihood.values())
         return {b: v / total for b, v in likelihood.items()}
 
