@@ -3,14 +3,17 @@ photos and classes it trains on.
 
 BR and OCM write <folder>/complete.json last, atomically, once every photo has been dealt with: what
 was asked (the step's arguments), the classes, every source file (relative path, size, modification
-time) and every file made. A step that starts changing its folder removes the record first, so a
+time, content digest) and every file made. A step that starts changing its folder removes the record first, so a
 folder without one is unfinished: interrupted, refused, or still being written. The training stages
 read it (check) and refuse a folder that is missing, unfinished, made for other classes or from other
 photos, or changed since, in one line that names the fix.
 
-Sizes and modification times, not contents, identify a file (as the decode cache does): a copy of the
-data that keeps modification times (cp -p, rsync -a) keeps its records valid.
+A file whose size and modification time are as recorded is taken as unchanged without reading it; one
+whose time alone moved (a copy that did not keep times: cp -r, unzip, a download) is read, and is
+unchanged when its content digest is as recorded. Records written before digests were kept compare
+sizes and times only.
 """
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -25,17 +28,27 @@ STEPS = {"br": ("make_remove_background.py", "--no-br", "--fresh"),
          "ocm": ("make_cutmix.py", "--no-ocm", "--overwrite")}
 
 
-def listing(root, paths):
-    """{path relative to root: [size, mtime in ns]} of each file (None for one that cannot be read)."""
+def listing(root, paths, contents=True):
+    """{path relative to root: [size, mtime in ns, content digest]} of each file (None for one that cannot
+    be read); without `contents`, [size, mtime in ns] (what a check compares first, reading no file)."""
     out = {}
     for path in paths:
         try:
             st = os.stat(path)
-            stamp = [st.st_size, st.st_mtime_ns]
+            stamp = [st.st_size, st.st_mtime_ns] + ([digest(path)] if contents else [])
         except OSError:
             stamp = None
         out[Path(path).relative_to(root).as_posix()] = stamp
     return out
+
+
+def digest(path):
+    """A file's content digest (BLAKE2b, 128 bits), read in 1 MiB blocks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def class_files(folder, classes):
@@ -88,22 +101,38 @@ def check(root, step, classes, originals):
         return f"{folder} was made from {', '.join(record['sources'])}, not from {train}; {fix}"
     for name, old in record["sources"].items():
         src = Path(root, name)  # (an absolute name stays itself)
-        now = listing(train, [p for p, _ in originals]) if name == "train" else listing(src, class_files(src, classes))
-        changed = differences(old, now)
+        base = train if name == "train" else src
+        now = listing(train, [p for p, _ in originals], False) if name == "train" else \
+            listing(src, class_files(src, classes), False)
+        changed = differences(old, now, base)
         if changed:
             return f"{folder} was made from other photos than {src} holds now ({changed}); {fix}"
     own = [folder / name for name in record["made"] if "/" not in name]  # (OCM's manifest.csv)
-    changed = differences(record["made"], listing(folder, class_files(folder, classes) + own))
+    changed = differences(record["made"], listing(folder, class_files(folder, classes) + own, False), folder)
     if changed:
         return f"{folder} has changed since {script} completed it ({changed}); remove what it did not make and {fix}"
     return None
 
 
-def differences(old, new):
-    """'2 added, 1 changed (e.g. cat/x.png)', or '' when the two listings are the same."""
+def differences(old, new, root):
+    """'2 added, 1 changed (e.g. cat/x.png)', or '' when the recorded listing `old` and the stat-only
+    listing `new` of the files under root name the same files, unchanged (see unchanged)."""
     kinds = {"added": sorted(set(new) - set(old)), "removed": sorted(set(old) - set(new)),
-             "changed": sorted(k for k in set(old) & set(new) if old[k] != new[k] or new[k] is None)}
+             "changed": sorted(k for k in set(old) & set(new) if not unchanged(old[k], new[k], Path(root, k)))}
     found = [(kind, names) for kind, names in kinds.items() if names]
     if not found:
         return ""
     return ", ".join(f"{len(names)} {kind}" for kind, names in found) + f" (e.g. {found[0][1][0]})"
+
+
+def unchanged(recorded, now, path):
+    """Whether a file is as recorded: same size and time; or, where only its time moved and the record
+    holds its digest, the same content."""
+    if recorded is None or now is None or recorded[0] != now[0]:
+        return False
+    if recorded[1] == now[1]:
+        return True
+    try:
+        return len(recorded) > 2 and digest(path) == recorded[2]
+    except OSError:
+        return False

@@ -3,6 +3,7 @@ and data/ocm only as their steps completed them, from the photos and classes it 
 anything else in one line naming the fix. Real rembg u2netp, real photos, the real scripts."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -85,7 +86,9 @@ def test_every_way_br_output_goes_stale_is_refused_with_its_fix(data):
     assert problem(data, "br") is None
 
     photo = data / "train" / "chelsea" / "chelsea_001.jpg"
-    os.utime(photo, ns=(time.time_ns(), time.time_ns()))  # a training photo changed after BR made its image
+    os.utime(photo, ns=(time.time_ns(), time.time_ns()))  # touched: a new time, the same content
+    assert problem(data, "br") is None
+    photo.write_bytes((data / "train" / "chelsea" / "chelsea_000.jpg").read_bytes())  # changed after BR made its image
     assert "made from other photos than" in problem(data, "br") and "1 changed (e.g. chelsea/chelsea_001.jpg)" in \
         problem(data, "br")
     rerun = br(data)  # the same command remakes what is older than its photo
@@ -127,6 +130,23 @@ def test_ocm_is_complete_once_written_a_rerun_that_adds_nothing_completes_it_aga
     br(data, "--bg-color", "black", "--fresh")  # the BR copies it drew patches from are remade
     assert "made from other photos than" in problem(data, "ocm") and str(data / "br") in problem(data, "ocm")
     assert "--overwrite" in problem(data, "ocm")
+
+
+def test_a_copy_that_did_not_keep_modification_times_is_still_complete_and_a_rewritten_file_is_not(data, tmp_path):
+    br(data)
+    run_script("make_cutmix.py", "--src", data / "train", "--src", data / "br", "--dst", data / "ocm", "--count", "6",
+               "--img-size", "32", check=0)
+    copy = tmp_path / "elsewhere" / "data"
+    shutil.copytree(data, copy, copy_function=shutil.copy)  # new modification times, as cp -r or unzip give
+    made = copy / "br" / "chelsea" / "chelsea_001.png"
+    assert made.stat().st_mtime_ns != (data / "br" / "chelsea" / "chelsea_001.png").stat().st_mtime_ns
+    assert problem(copy, "br") is None and problem(copy, "ocm") is None  # read, and the same contents
+    content = bytearray(made.read_bytes())
+    content[-5] ^= 0xFF  # the same size, other bytes
+    made.write_bytes(bytes(content))
+    assert "has changed since make_remove_background.py completed it (1 changed (e.g. chelsea/chelsea_001.png))" in \
+        problem(copy, "br")
+    assert all(len(stamp) == 3 for stamp in records.read(copy / "ocm")["sources"]["br"].values())  # with digests
 
 
 def test_shares_complete_the_folder_together(data):
