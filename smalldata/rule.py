@@ -245,7 +245,8 @@ class Divergence(Rule):
         weighed by the marginal likelihood of its broken line (flat up to b, then linear) on the judged val
         loss since it settled, the line's level and rate integrated out under flat priors:
         exp(-SSE / 2 noise^2) / sqrt(det(X'X)), X the line's two columns (a flat prior over b). The best fit
-        alone (SSE) favours early onsets, whose rate is fitted to more epochs; the determinant counts that."""
+        alone (SSE) does not count how many epochs pin each line's rate, and keeps early; the determinant,
+        which grows with the epochs after the onset, does."""
         y = np.asarray(val[settled(val, noise_val, self.reach):], dtype=float)
         log_likelihood = {}
         for k in range(max(1, len(y) - 1 - self.reach), len(y) - 2):  # (every b judged on the same epochs)
