@@ -104,17 +104,21 @@ def check_arguments(opt):
     record = asked(opt)
     path = Path(opt.dst) / ARGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
+    if old is not None and Path(str(old.get("src"))).is_absolute():  # (as written before, or from outside)
+        old["src"] = records.source_name(old["src"], opt.dst)
     if old is not None and old != record and not (opt.fresh or opt.overwrite):
         differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
         raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
-                         "would keep them. Pass --fresh to delete them and start over (or --overwrite to redo every one), or use "
-                         "another --dst")
+                         "would keep them. Pass --fresh to delete them and start over (or --overwrite to redo every "
+                         "one), or use another --dst")
     return record
 
 
 def asked(opt):
-    """The arguments that decide what the outputs look like, as args.json and the completion record keep them."""
-    return {k: _plain(getattr(opt, k, None)) for k in RECORDED}
+    """The arguments that decide what the outputs look like, as args.json and the completion record keep them;
+    --src as the completion record names it (relative to the data folder that holds --dst, when inside it:
+    a data folder moved or copied whole keeps its arguments)."""
+    return {**{k: _plain(getattr(opt, k, None)) for k in RECORDED}, "src": records.source_name(opt.src, opt.dst)}
 
 
 def record_arguments(opt, jobs, extra, shard=None):
@@ -387,7 +391,8 @@ def prepare(opt, problems, shard=None):
         if cls not in used:
             say(f"warning: class folder {Path(opt.src) / cls} holds no files; {Path(opt.dst) / cls} stays "
                 "empty (training refuses an empty class)", file=sys.stderr)
-    todo = jobs if opt.overwrite or opt.fresh else [j for j in jobs if not up_to_date(j[1], j[0])]
+    done = records.made_from(opt.dst, opt.src)  # (read before this run clears the record)
+    todo = jobs if opt.overwrite or opt.fresh else [j for j in jobs if not (up_to_date(j[1], j[0]) or done(j[1], j[0]))]
     existing = len(jobs) - len(todo)
     say(f"{len(all_jobs)} input file(s) in {len(classes)} classes under {opt.src}; "
         + (f"shard {shard[0]}/{shard[1]}: {len(jobs)} of them; " if shard else "")
@@ -401,7 +406,8 @@ def prepare(opt, problems, shard=None):
 
 
 def up_to_date(out, src):
-    """An output made after its photo was last changed (as make decides): a changed photo is done again."""
+    """An output made after its photo was last changed (as make decides): a changed photo is done again.
+    (prepare also takes as done an output the completion record lists as made from this photo's content.)"""
     try:
         return out.stat().st_mtime_ns >= src.stat().st_mtime_ns
     except OSError:  # no output yet (or a source that cannot be read: its job says why)

@@ -114,6 +114,22 @@ def check(root, step, classes, originals):
     return None
 
 
+def made_from(dst, src):
+    """A test (out, photo) -> whether dst's completion record lists `out` as made from `photo` (under src),
+    both as they are now (unchanged): an output older than its photo is still up to date where the two
+    only got new modification times (a copy that did not keep them). Always False without a record."""
+    record = read(dst)
+    made, photos = (record["made"], record["sources"].get(source_name(src, dst))) if record else ({}, None)
+
+    def test(out, photo):
+        if not photos:
+            return False
+        out_name, photo_name = Path(out).relative_to(dst).as_posix(), Path(photo).relative_to(src).as_posix()
+        return (unchanged(photos.get(photo_name), listing(src, [photo], False)[photo_name], photo)
+                and unchanged(made.get(out_name), listing(dst, [out], False)[out_name], out))
+    return test
+
+
 def differences(old, new, root):
     """'2 added, 1 changed (e.g. cat/x.png)', or '' when the recorded listing `old` and the stat-only
     listing `new` of the files under root name the same files, unchanged (see unchanged)."""
