@@ -104,8 +104,8 @@ def check_arguments(opt):
     record = asked(opt)
     path = Path(opt.dst) / ARGS_FILE
     old = json.loads(path.read_text()) if path.is_file() else None
-    if old is not None and Path(str(old.get("src"))).is_absolute():  # (as written before, or from outside)
-        old["src"] = records.source_name(old["src"], opt.dst)
+    if old is not None and old.get("src") != record["src"] and moved_whole(opt):
+        old["src"] = record["src"]  # (the same photos' folder, at another path)
     if old is not None and old != record and not (opt.fresh or opt.overwrite):
         differ = [f"{k}: {old.get(k)} -> {record[k]}" for k in RECORDED if old.get(k) != record[k]]
         raise UsageError(f"{opt.dst} holds BR images made with other arguments ({'; '.join(differ)}); a rerun "
@@ -114,11 +114,17 @@ def check_arguments(opt):
     return record
 
 
+def moved_whole(opt):
+    """Whether --dst's completion record names --src as the folder beside it in the same data folder, as it is
+    now: a data folder moved or copied whole (--src's path changed, its place beside --dst did not; whether
+    its photos changed is the record's to say, photo by photo)."""
+    record, name = records.read(opt.dst), records.source_name(opt.src, opt.dst)
+    return record is not None and not Path(name).is_absolute() and name in record["sources"]
+
+
 def asked(opt):
-    """The arguments that decide what the outputs look like, as args.json and the completion record keep them;
-    --src as the completion record names it (relative to the data folder that holds --dst, when inside it:
-    a data folder moved or copied whole keeps its arguments)."""
-    return {**{k: _plain(getattr(opt, k, None)) for k in RECORDED}, "src": records.source_name(opt.src, opt.dst)}
+    """The arguments that decide what the outputs look like, as args.json and the completion record keep them."""
+    return {k: _plain(getattr(opt, k, None)) for k in RECORDED}
 
 
 def record_arguments(opt, jobs, extra, shard=None):
