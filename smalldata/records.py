@@ -31,15 +31,16 @@ STEPS = {"br": ("make_remove_background.py", "--no-br", "--fresh"),
 def listing(root, paths, contents=True):
     """{path relative to root: [size, mtime in ns, content digest]} of each file (None for one that cannot
     be read); without `contents`, [size, mtime in ns] (what a check compares first, reading no file)."""
-    out = {}
-    for path in paths:
-        try:
-            st = os.stat(path)
-            stamp = [st.st_size, st.st_mtime_ns] + ([digest(path)] if contents else [])
-        except OSError:
-            stamp = None
-        out[Path(path).relative_to(root).as_posix()] = stamp
-    return out
+    return {Path(path).relative_to(root).as_posix(): stamp(path, contents) for path in paths}
+
+
+def stamp(path, contents=False):
+    """[size, mtime in ns] of a file, with its content digest after them with `contents`; None if unreadable."""
+    try:
+        st = os.stat(path)
+        return [st.st_size, st.st_mtime_ns] + ([digest(path)] if contents else [])
+    except OSError:
+        return None
 
 
 def digest(path):
@@ -124,9 +125,8 @@ def made_from(dst, src):
     def test(out, photo):
         if not photos:
             return False
-        out_name, photo_name = Path(out).relative_to(dst).as_posix(), Path(photo).relative_to(src).as_posix()
-        return (unchanged(photos.get(photo_name), listing(src, [photo], False)[photo_name], photo)
-                and unchanged(made.get(out_name), listing(dst, [out], False)[out_name], out))
+        return (unchanged(photos.get(Path(photo).relative_to(src).as_posix()), stamp(photo), photo)
+                and unchanged(made.get(Path(out).relative_to(dst).as_posix()), stamp(out), out))
     return test
 
 
